@@ -1,0 +1,253 @@
+//! The YAML file as operators write it. Values that can be checked on their own (durations,
+//! addresses, names, enums) are checked while deserializing, so serde_yaml reports the line
+//! and column of the bad value; [`super::validate`] does the cross-checks and builds the
+//! typed [`super::Config`].
+
+use serde::{de, Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Pingora's own `ServerConf` keys, passed through untouched.
+    #[serde(default)]
+    pub pingora: Option<BTreeMap<String, serde_yaml::Value>>,
+    pub listen: ListenFile,
+    #[serde(default)]
+    pub defaults: DefaultsFile,
+    pub resources: Vec<ResourceFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    #[serde(default)]
+    pub http: Vec<Addr>,
+}
+
+/// Resource keys that apply to every resource unless the resource sets them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsFile {
+    #[serde(default)]
+    pub origin: OriginDefaultsFile,
+    #[serde(default)]
+    pub websocket: WebSocketFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceFile {
+    pub name: Name,
+    pub hostnames: Vec<Hostname>,
+    #[serde(default, rename = "type")]
+    pub kind: ResourceType,
+    pub origin: OriginFile,
+    #[serde(default)]
+    pub websocket: WebSocketFile,
+}
+
+/// `full_site` serves everything, `static_only` only static files (no WebSocket by default).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceType {
+    /// A whole site: WebSocket on by default.
+    #[default]
+    FullSite,
+    /// Static files only: WebSocket off by default.
+    StaticOnly,
+}
+
+/// How the edge talks to the origin.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginProtocol {
+    /// Plain HTTP (ws://) to the origin.
+    #[default]
+    Http,
+    /// TLS (wss://) to the origin.
+    Https,
+    /// The scheme the client used.
+    Follow,
+}
+
+/// Origin keys allowed under `defaults.origin` (everything but the servers).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginDefaultsFile {
+    pub protocol: Option<OriginProtocol>,
+    pub verify_tls: Option<bool>,
+    pub ca_file: Option<String>,
+    pub connect_timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginFile {
+    pub protocol: Option<OriginProtocol>,
+    #[serde(deserialize_with = "non_empty")]
+    pub servers: Vec<ServerFile>,
+    pub host: Option<String>,
+    pub sni: Option<String>,
+    pub verify_tls: Option<bool>,
+    pub ca_file: Option<String>,
+    pub connect_timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub address: Addr,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketFile {
+    pub enabled: Option<bool>,
+    pub idle_timeout: Option<DurationStr>,
+    pub handshake_timeout: Option<DurationStr>,
+    pub paths: Option<Vec<PathPrefix>>,
+}
+
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerFile>, D::Error> {
+    let v = Vec::<ServerFile>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(de::Error::custom(
+            "the origin group has no servers; list at least one, like `- { address: \"10.0.0.5:8080\" }`",
+        ));
+    }
+    Ok(v)
+}
+
+/// Implements `Deserialize` for a newtype over a string by a parse function whose error
+/// text goes to the operator as it is.
+macro_rules! parsed_string {
+    ($(#[$doc:meta])* $name:ident($inner:ty) = $parse:path) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(pub $inner);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $parse(&s).map($name).map_err(de::Error::custom)
+            }
+        }
+    };
+}
+
+parsed_string!(
+    /// A duration written as `500ms`, `60s`, `5m` or `1h`.
+    DurationStr(Duration) = parse_duration
+);
+parsed_string!(
+    /// A socket address `ip:port`.
+    Addr(SocketAddr) = parse_addr
+);
+parsed_string!(
+    /// A resource name: `[a-z0-9_-]+`.
+    Name(String) = parse_name
+);
+parsed_string!(
+    /// A hostname or a `*.` wildcard, lower-cased.
+    Hostname(String) = parse_hostname
+);
+parsed_string!(
+    /// A path prefix starting with `/`.
+    PathPrefix(String) = parse_path
+);
+
+/// Parses `500ms`, `60s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let help = "write a whole number followed by ms, s, m or h, like 500ms, 60s, 5m or 1h";
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\": {help}"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("invalid duration \"{s}\": {help}")),
+    };
+    if d.is_zero() {
+        return Err(format!("duration \"{s}\" is zero: {help}"));
+    }
+    Ok(d)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("invalid address \"{s}\": write ip:port, like 10.0.0.5:8080 or [::1]:8080")
+    })
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid resource name \"{s}\": use lower-case letters, digits, '_' and '-' only"
+        ))
+    }
+}
+
+fn parse_hostname(s: &str) -> Result<String, String> {
+    let h = s.to_ascii_lowercase();
+    let bare = h.strip_prefix("*.").unwrap_or(&h);
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if bare.is_empty() || !bare.split('.').all(label_ok) {
+        return Err(format!(
+            "invalid hostname \"{s}\": write a name like chat.example.com, or *.chat.example.com for one more label"
+        ));
+    }
+    Ok(h)
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid path prefix \"{s}\": it must start with '/', like /ws"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "5", "s", "5x", "1.5s", "-1s", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should fail");
+        }
+    }
+
+    #[test]
+    fn hostnames() {
+        assert_eq!(
+            parse_hostname("Chat.Example.com").unwrap(),
+            "chat.example.com"
+        );
+        assert_eq!(parse_hostname("*.a.b").unwrap(), "*.a.b");
+        for bad in ["", "*.", "a..b", "a.*.b", "a b", "*a.b"] {
+            assert!(parse_hostname(bad).is_err(), "{bad} should fail");
+        }
+    }
+}

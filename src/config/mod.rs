@@ -1,0 +1,141 @@
+//! Configuration: the YAML file ([`file`]) is parsed and validated ([`validate`]) into the
+//! typed [`Config`] that the proxy uses. Nothing here touches the network.
+
+mod file;
+mod validate;
+
+pub use file::{OriginProtocol, ResourceType};
+pub use validate::ConfigError;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Idle time after which a tunnel with no data either way is closed, when not configured.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time the origin has to answer an upgrade, when not configured.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to establish the TCP (and TLS) connection to an origin, when not configured.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The typed, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// Pingora's `ServerConf` keys as YAML text, if the file had a `pingora:` section.
+    pub pingora_yaml: Option<String>,
+    /// Listening addresses.
+    pub listen: Listen,
+    /// The CDN resources, in file order.
+    pub resources: Vec<Arc<Resource>>,
+}
+
+/// Where the edge listens.
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    /// Plain HTTP and `ws://` listeners.
+    pub http: Vec<SocketAddr>,
+}
+
+/// One CDN resource: a set of hostnames served from one origin group.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    /// Unique name; the label in metrics and logs.
+    pub name: String,
+    /// Lower-case hostnames, `*.` wildcards allowed.
+    pub hostnames: Vec<String>,
+    /// Whole site or static files only.
+    pub kind: ResourceType,
+    /// Where requests go.
+    pub origin: Origin,
+    /// WebSocket policy.
+    pub websocket: WebSocket,
+}
+
+/// The origin group of a resource.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Scheme towards the origin.
+    pub protocol: OriginProtocol,
+    /// The servers of the group, tried in order when one cannot be reached.
+    pub servers: Vec<SocketAddr>,
+    /// `Host` sent to the origin; `None` keeps the client's.
+    pub host: Option<String>,
+    /// TLS server name for https; `None` means `host`, else the client's Host.
+    pub sni: Option<String>,
+    /// Whether the origin's certificate is verified (https only).
+    pub verify_tls: bool,
+    /// PEM file with the CAs that sign the origin's certificate; `None` means system roots.
+    pub ca_file: Option<PathBuf>,
+    /// The certificates of `ca_file`, read at load.
+    pub ca: Option<crate::origin::OriginCa>,
+    /// TCP (and TLS) connect timeout per server.
+    pub connect_timeout: Duration,
+}
+
+/// WebSocket settings of a resource.
+#[derive(Debug, Clone)]
+pub struct WebSocket {
+    /// Whether upgrades are allowed at all.
+    pub enabled: bool,
+    /// No data either way for this long closes the tunnel (the heartbeat interval).
+    pub idle_timeout: Duration,
+    /// The origin must answer the upgrade within this, else 504.
+    pub handshake_timeout: Duration,
+    /// Path prefixes allowed to upgrade; empty allows every path.
+    pub paths: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
+        validate::validate(path.as_ref(), text)
+    }
+}
+
+impl Resource {
+    /// Whether `path` (the request target's path) may be upgraded on this resource.
+    pub fn path_allowed(&self, path: &str) -> bool {
+        self.websocket.paths.is_empty()
+            || self
+                .websocket
+                .paths
+                .iter()
+                .any(|p| path_has_prefix(path, p))
+    }
+}
+
+/// `/ws` matches `/ws`, `/ws/x` and `/ws?x`, not `/wsx` (unless the prefix ends with '/').
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_has_prefix;
+
+    #[test]
+    fn path_prefixes() {
+        assert!(path_has_prefix("/ws", "/ws"));
+        assert!(path_has_prefix("/ws/room", "/ws"));
+        assert!(path_has_prefix("/ws?x=1", "/ws"));
+        assert!(!path_has_prefix("/wsx", "/ws"));
+        assert!(!path_has_prefix("/", "/ws"));
+        assert!(path_has_prefix("/api/x", "/api/"));
+    }
+}

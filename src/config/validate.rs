@@ -1,0 +1,301 @@
+//! From [`FileConfig`] to [`Config`]: defaults merged, cross-checks done, every error placed
+//! at a file, line and column, with the resource and key named and a way to fix it.
+
+use super::file::{FileConfig, ResourceFile, ResourceType};
+use super::{
+    Config, Listen, Origin, Resource, WebSocket, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A configuration that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the file: {source}")]
+    Read {
+        /// The file named with `-c`.
+        file: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid configuration.
+    #[error("{file}:{line}:{column}: {}{key}: {message}", resource.as_ref().map(|r| format!("resource \"{r}\": ")).unwrap_or_default())]
+    Invalid {
+        /// The file named with `-c`.
+        file: String,
+        /// 1-based line of the offending key or value (0 when unknown).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The resource the key belongs to, if any.
+        resource: Option<String>,
+        /// Dotted path of the key, like `resources[0].websocket.idle_timeout`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+pub(super) fn validate(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let parsed: FileConfig = serde_yaml::from_str(text).map_err(|e| from_serde(&file, text, &e))?;
+    build(path, text, parsed)
+}
+
+/// Turns a serde_yaml error into one that names the key and the resource.
+fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let mut msg = e.to_string();
+    // serde_yaml appends " at line L column C"; we print the location up front.
+    if let Some(i) = msg.rfind(" at line ") {
+        msg.truncate(i);
+    }
+    // and prefixes the path of the key: "resources[0].origin: unknown field ..."
+    let (key, message) = match msg.split_once(": ") {
+        Some((k, m)) if !k.contains(' ') => (k.to_string(), m.to_string()),
+        _ => (String::new(), msg.clone()),
+    };
+    let message = if message.starts_with("unknown field") {
+        format!("{message}; remove it or fix its spelling")
+    } else {
+        message
+    };
+    ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        resource: resource_of_key(text, &key),
+        key: if key.is_empty() {
+            "(top level)".into()
+        } else {
+            key
+        },
+        message,
+    }
+}
+
+/// `resources[3].x` → the name of the fourth resource, read leniently from the text.
+fn resource_of_key(text: &str, key: &str) -> Option<String> {
+    let idx: usize = key
+        .strip_prefix("resources[")?
+        .split(']')
+        .next()?
+        .parse()
+        .ok()?;
+    let v: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+    v.get("resources")?
+        .get(idx)?
+        .get("name")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let invalid =
+        |resource: Option<&str>, key: String, needle: &str, nth: usize, message: String| {
+            let (line, column) = locate(text, needle, nth);
+            ConfigError::Invalid {
+                file: file.clone(),
+                line,
+                column,
+                resource: resource.map(str::to_string),
+                key,
+                message,
+            }
+        };
+
+    if f.listen.http.is_empty() {
+        return Err(invalid(
+            None,
+            "listen.http".into(),
+            "listen",
+            0,
+            "no listener: add at least one address, like `http: [\"0.0.0.0:8080\"]`".into(),
+        ));
+    }
+    if f.resources.is_empty() {
+        return Err(invalid(
+            None,
+            "resources".into(),
+            "resources",
+            0,
+            "no resources: add at least one resource with a name, hostnames and an origin".into(),
+        ));
+    }
+
+    let pingora_yaml = match &f.pingora {
+        Some(map) => {
+            let yaml = serde_yaml::to_string(map).unwrap_or_default();
+            if let Err(e) = pingora::server::configuration::ServerConf::from_yaml(&yaml) {
+                return Err(invalid(
+                    None,
+                    "pingora".into(),
+                    "pingora",
+                    0,
+                    format!("Pingora rejects this section: {e}; see Pingora's ServerConf keys"),
+                ));
+            }
+            Some(yaml)
+        }
+        None => None,
+    };
+
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut owners: HashMap<&str, &str> = HashMap::new();
+    let mut resources = Vec::with_capacity(f.resources.len());
+    for (i, r) in f.resources.iter().enumerate() {
+        let name = r.name.0.as_str();
+        if names.insert(name, i).is_some() {
+            return Err(invalid(
+                Some(name),
+                format!("resources[{i}].name"),
+                name,
+                1,
+                format!("another resource is already named \"{name}\"; names must be unique"),
+            ));
+        }
+        for (j, h) in r.hostnames.iter().enumerate() {
+            let h = h.0.as_str();
+            if let Some(other) = owners.insert(h, name) {
+                return Err(invalid(
+                    Some(name),
+                    format!("resources[{i}].hostnames[{j}]"),
+                    h,
+                    1,
+                    format!(
+                        "hostname \"{h}\" already belongs to resource \"{other}\"; a hostname may belong to one resource only"
+                    ),
+                ));
+            }
+        }
+        if r.hostnames.is_empty() {
+            return Err(invalid(
+                Some(name),
+                format!("resources[{i}].hostnames"),
+                "hostnames",
+                i,
+                "no hostnames: list the names this resource serves, like [\"chat.example.com\"]"
+                    .into(),
+            ));
+        }
+        let res = resource(&f, r, base);
+        let res = match &res.origin.ca_file {
+            Some(ca_path) => match crate::origin::OriginCa::load(ca_path) {
+                Ok(ca) => Resource {
+                    origin: super::Origin {
+                        ca: Some(ca),
+                        ..res.origin
+                    },
+                    ..res
+                },
+                Err(why) => {
+                    return Err(invalid(
+                        Some(name),
+                        format!("resources[{i}].origin.ca_file"),
+                        "ca_file",
+                        0,
+                        format!("{why}; the path is relative to the config file's folder"),
+                    ))
+                }
+            },
+            None => res,
+        };
+        resources.push(Arc::new(res));
+    }
+
+    Ok(Config {
+        source: path.to_path_buf(),
+        pingora_yaml,
+        listen: Listen {
+            http: f.listen.http.iter().map(|a| a.0).collect(),
+        },
+        resources,
+    })
+}
+
+/// Merges a resource with the defaults.
+fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
+    let d = &f.defaults;
+    let o = &r.origin;
+    let w = &r.websocket;
+    let ca_file = o
+        .ca_file
+        .as_ref()
+        .or(d.origin.ca_file.as_ref())
+        .map(|p| relative_to(base, p));
+    Resource {
+        name: r.name.0.clone(),
+        hostnames: r.hostnames.iter().map(|h| h.0.clone()).collect(),
+        kind: r.kind,
+        origin: Origin {
+            protocol: o.protocol.or(d.origin.protocol).unwrap_or_default(),
+            servers: o.servers.iter().map(|s| s.address.0).collect(),
+            host: o.host.clone(),
+            sni: o.sni.clone(),
+            verify_tls: o.verify_tls.or(d.origin.verify_tls).unwrap_or(true),
+            ca_file,
+            ca: None,
+            connect_timeout: o
+                .connect_timeout
+                .as_ref()
+                .or(d.origin.connect_timeout.as_ref())
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0),
+        },
+        websocket: WebSocket {
+            // static_only resources serve files: no WebSocket unless asked for.
+            enabled: w
+                .enabled
+                .or(d.websocket.enabled)
+                .unwrap_or(r.kind == ResourceType::FullSite),
+            idle_timeout: w
+                .idle_timeout
+                .as_ref()
+                .or(d.websocket.idle_timeout.as_ref())
+                .map_or(DEFAULT_IDLE_TIMEOUT, |t| t.0),
+            handshake_timeout: w
+                .handshake_timeout
+                .as_ref()
+                .or(d.websocket.handshake_timeout.as_ref())
+                .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |t| t.0),
+            paths: w
+                .paths
+                .as_ref()
+                .or(d.websocket.paths.as_ref())
+                .map(|p| p.iter().map(|p| p.0.clone()).collect())
+                .unwrap_or_default(),
+        },
+    }
+}
+
+fn relative_to(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Line and column (1-based) of the `nth` (0-based) occurrence of `needle` in `text`; the
+/// cross-checks run after serde has dropped the locations, so they find the value again.
+fn locate(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let code = line.split(" #").next().unwrap_or(line);
+        if let Some(col) = code.find(needle) {
+            if seen == nth {
+                return (i + 1, col + 1);
+            }
+            seen += 1;
+        }
+    }
+    (0, 0)
+}

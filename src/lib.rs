@@ -1,0 +1,146 @@
+//! # wsedge
+//!
+//! The WebSocket feature of a CDN edge, on Cloudflare's [Pingora](https://github.com/cloudflare/pingora).
+//! Operators declare CDN *resources* in YAML (hostnames, an origin group, WebSocket policy);
+//! each request is matched to a resource by Host, plain HTTP is proxied, and WebSocket
+//! upgrades are checked against RFC 6455 and the resource's settings before any origin is
+//! contacted, then relayed for as long as both sides want, within the resource's idle
+//! timeout.
+//!
+//! The binary is `wsedge -c wsedge.yaml`. To embed wsedge in a Pingora server of your own,
+//! load a [`Config`], build an [`EdgeProxy`] over its resources and add it as an HTTP proxy
+//! service; `examples/embed.rs` does exactly that:
+//!
+//! ```text
+//! cargo run --example embed -- conf/demo.yaml
+//! ```
+//!
+//! Or call the gate from your own `ProxyHttp`: [`handshake::check`] and [`gate::check`]
+//! are pure functions over the request header and the resource.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod demo;
+pub mod gate;
+pub mod handshake;
+pub mod listening;
+pub mod origin;
+pub mod proxy;
+pub mod routing;
+pub mod tunnel;
+
+pub use config::{Config, ConfigError, Resource};
+pub use proxy::{EdgeProxy, RequestCtx, Resources};
+pub use routing::Router;
+
+use arc_swap::ArcSwap;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The configuration file (`-c`).
+    pub config: PathBuf,
+    /// Check the configuration and exit (`-t`).
+    pub test: bool,
+    /// Run in the background (`-d`, Pingora's).
+    pub daemon: bool,
+    /// Take the listening sockets over from a running wsedge (`-u`, Pingora's).
+    pub upgrade: bool,
+    /// Also start the built-in demo origin on the first resource's first server address.
+    pub demo: bool,
+}
+
+/// Why wsedge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The demo origin could not start.
+    #[error("cannot start the demo origin on {addr}: {source}")]
+    Demo {
+        /// Where it tried to listen.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Builds Pingora's `ServerConf` from the file's `pingora:` section.
+pub fn server_conf(config: &Config) -> ServerConf {
+    config
+        .pingora_yaml
+        .as_deref()
+        .and_then(|y| ServerConf::from_yaml(y).ok())
+        .or_else(ServerConf::new)
+        .unwrap_or_default()
+}
+
+/// The shareable resource table for a configuration.
+pub fn resources(config: &Config) -> Resources {
+    Arc::new(ArcSwap::from_pointee(Router::new(config)))
+}
+
+/// Runs wsedge as the command line asked. Returns only for `-t` or on an error.
+pub fn run(opts: Options) -> Result<(), RunError> {
+    let config = Config::load(&opts.config)?;
+    if opts.test {
+        println!(
+            "wsedge: the configuration file {} syntax is ok ({} resources)",
+            opts.config.display(),
+            config.resources.len()
+        );
+        return Ok(());
+    }
+
+    let mut demo_addr = None;
+    if opts.demo {
+        let addr = config.resources[0].origin.servers[0];
+        demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
+        demo_addr = Some(addr);
+    }
+
+    let pingora_opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(pingora_opt, server_conf(&config));
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        EdgeProxy::new(resources(&config)),
+        "wsedge",
+    );
+    for addr in &config.listen.http {
+        service.add_tcp(&addr.to_string());
+    }
+    server.add_service(service);
+
+    let wanted = config.listen.http.clone();
+    let first_host = config.resources[0].hostnames[0].replace("*.", "www.");
+    std::thread::spawn(move || {
+        let exclude: Vec<_> = demo_addr.into_iter().collect();
+        match listening::wait_for(&wanted, &exclude, Duration::from_secs(30)) {
+            Some(bound) => {
+                for a in &bound {
+                    println!("wsedge: listening on http://{a}");
+                }
+                if demo_addr.is_some() {
+                    let port = bound[0].port();
+                    println!("wsedge: demo ready: open http://{first_host}:{port}/ (resolve {first_host} to 127.0.0.1), or:");
+                    println!("  curl -H 'Host: {first_host}' http://127.0.0.1:{port}/");
+                }
+            }
+            None => eprintln!("wsedge: listeners did not come up within 30s"),
+        }
+    });
+    server.run_forever()
+}

@@ -1,0 +1,112 @@
+//! Which TCP ports this process listens on, read from `/proc` (Linux). Pingora binds the
+//! listeners itself and reports nothing, so wsedge looks once they are up and prints where
+//! to connect: the readiness line that people, scripts and tests wait for (port 0 works).
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// The addresses this process is listening on (TCP, IPv4 and IPv6).
+pub fn listening_addrs() -> Vec<SocketAddr> {
+    let inodes: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/self/net/tcp", false), ("/proc/self/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "0A" {
+                continue; // 0A = LISTEN
+            }
+            if !f[9].parse().is_ok_and(|i: u64| inodes.contains(&i)) {
+                continue;
+            }
+            if let Some(addr) = parse_proc_addr(f[1], v6) {
+                out.push(addr);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `0100007F:1F90` → 127.0.0.1:8080 (the kernel prints the address in host byte order
+/// per 32-bit word).
+fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = if v6 {
+        let mut bytes = [0u8; 16];
+        for i in 0..4 {
+            let word = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(ip, 16).ok()?.to_ne_bytes(),
+        ))
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Waits (up to `limit`) until every configured listener is bound and returns the bound
+/// addresses that match `wanted` (same IP; port 0 matches any port), in `wanted` order.
+pub fn wait_for(
+    wanted: &[SocketAddr],
+    exclude: &[SocketAddr],
+    limit: Duration,
+) -> Option<Vec<SocketAddr>> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let mut bound: Vec<SocketAddr> = listening_addrs()
+            .into_iter()
+            .filter(|a| !exclude.contains(a))
+            .collect();
+        let mut found = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let pos = bound
+                .iter()
+                .position(|b| b.ip() == w.ip() && (w.port() == 0 || b.port() == w.port()));
+            match pos {
+                Some(i) => found.push(bound.remove(i)),
+                None => break,
+            }
+        }
+        if found.len() == wanted.len() {
+            return Some(found);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(listening_addrs().contains(&addr));
+        let w = wait_for(
+            &["127.0.0.1:0".parse().unwrap()],
+            &[],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(w[0].ip(), addr.ip());
+    }
+}

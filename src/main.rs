@@ -1,0 +1,45 @@
+//! `wsedge -c FILE`: thin on purpose; all the work is in the library.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The WebSocket edge of a CDN, on Pingora.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The configuration file.
+    #[arg(short = 'c', long = "conf", default_value = "/etc/wsedge/wsedge.yaml")]
+    conf: PathBuf,
+    /// Check the configuration file and exit: 0 if valid, 1 if not.
+    #[arg(short = 't', long)]
+    test: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long)]
+    daemon: bool,
+    /// Take over the listening sockets of a running wsedge (send it SIGQUIT).
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Also start the built-in demo origin at the first resource's first server address.
+    #[arg(long)]
+    demo: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let opts = wsedge::Options {
+        config: args.conf,
+        test: args.test,
+        daemon: args.daemon,
+        upgrade: args.upgrade,
+        demo: args.demo,
+    };
+    match wsedge::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsedge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
