@@ -1,0 +1,351 @@
+//! Test harness: a real wsedge process on loopback, real origins in-process, real clients.
+//! Ports are 0 everywhere; readiness is the `listening on` line wsedge prints. Every wait
+//! is under a timeout.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The longest any single step of a test may take.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Awaits `f` under [`STEP`], panicking with `what` on timeout.
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+/// A unique scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "wsedge-test-{}-{}-{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running wsedge process; killed on drop.
+pub struct Edge {
+    child: Child,
+    /// The HTTP listener.
+    pub addr: SocketAddr,
+    /// Everything wsedge wrote on stderr (its log), filled by a reader thread.
+    pub log: Arc<Mutex<String>>,
+    pub dir: PathBuf,
+}
+
+impl Edge {
+    /// Starts wsedge with `yaml` (which should listen on 127.0.0.1:0).
+    pub fn start(yaml: &str) -> Edge {
+        let dir = scratch_dir("edge");
+        let path = dir.join("wsedge.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Self::start_file(&path, dir)
+    }
+
+    pub fn start_file(path: &std::path::Path, dir: PathBuf) -> Edge {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsedge"))
+            .arg("-c")
+            .arg(path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wsedge");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("wsedge: listening on http://") {
+                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(STEP) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("wsedge did not report its listener; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Edge { child, addr, log, dir }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a test origin does with an upgrade request.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Accept, select the first offered subprotocol, echo data messages.
+    Echo,
+    /// Answer the upgrade with this status and a short body.
+    Status(u16),
+    /// Accept the TCP connection and never answer.
+    Silent,
+}
+
+/// Something an origin saw, for tests to assert on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Seen {
+    /// A close frame from the client: code and reason.
+    Close(u16, String),
+    /// The request headers of an upgrade, as (name, value) lower-cased names.
+    Request(Vec<(String, String)>),
+}
+
+/// An in-process origin on 127.0.0.1:0 that counts its connections.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    pub async fn start(mode: Mode) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, mode, None)
+    }
+
+    /// Serves over TLS with `acceptor`.
+    pub async fn start_tls(mode: Mode, acceptor: tokio_rustls::TlsAcceptor) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, mode, Some(acceptor))
+    }
+
+    pub fn count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn serve(listener: TcpListener, mode: Mode, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (connections.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (mode, seen, tls) = (mode.clone(), s.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(s) = acc.accept(stream).await {
+                                origin_conn(s, mode, seen).await
+                            }
+                        }
+                        None => origin_conn(stream, mode, seen).await,
+                    }
+                });
+            }
+        });
+        Origin { addr, connections, seen, task }
+    }
+}
+
+async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
+    match mode {
+        Mode::Silent => {
+            let mut buf = [0u8; 1024];
+            // Hold the connection open without answering, until the peer goes away.
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Mode::Status(code) => {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let body = format!("origin says {code}\n");
+            let resp = format!(
+                "HTTP/1.1 {code} Whatever\r\nContent-Type: text/plain\r\nX-Origin: yes\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            let _ = stream.flush().await;
+        }
+        Mode::Echo => {
+            let seen2 = seen.clone();
+            let callback = move |req: &Request, mut resp: Response| {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                seen2.lock().unwrap().push(Seen::Request(headers));
+                if let Some(p) = req.headers().get("sec-websocket-protocol") {
+                    let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
+                    resp.headers_mut()
+                        .insert("sec-websocket-protocol", HeaderValue::from_str(&first).unwrap());
+                }
+                Ok(resp)
+            };
+            let path_holder = Arc::new(Mutex::new(String::new()));
+            let ph = path_holder.clone();
+            let cb = move |req: &Request, resp: Response| {
+                *ph.lock().unwrap() = req.uri().path().to_string();
+                callback(req, resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
+                return;
+            };
+            let path = path_holder.lock().unwrap().clone();
+            if path == "/close-me" {
+                let _ = ws
+                    .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: 4002.into(),
+                        reason: "origin bye".into(),
+                    }))
+                    .await;
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            if let Some(n) = path.strip_prefix("/push/") {
+                // Push one small message every `n` milliseconds, ignoring the client.
+                let every = Duration::from_millis(n.parse().unwrap());
+                loop {
+                    tokio::select! {
+                        m = ws.next() => match m {
+                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                            _ => {}
+                        },
+                        _ = tokio::time::sleep(every) => {
+                            if ws.send(Message::text("tick")).await.is_err() { return; }
+                        }
+                    }
+                }
+            }
+            while let Some(msg) = ws.next().await {
+                match msg {
+                    Ok(Message::Close(frame)) => {
+                        if let Some(f) = frame {
+                            seen.lock().unwrap().push(Seen::Close(f.code.into(), f.reason.to_string()));
+                        }
+                        // tungstenite answers the close itself on the next flush.
+                        let _ = ws.flush().await;
+                        break;
+                    }
+                    Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                        if ws.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// A minimal YAML for one resource pointing at `origin`, listening on 127.0.0.1:0.
+pub fn one_resource(origin: SocketAddr, extra_ws: &str) -> String {
+    format!(
+        r#"
+listen: {{ http: ["127.0.0.1:0"] }}
+resources:
+  - name: test
+    hostnames: ["127.0.0.1", "localhost"]
+    origin:
+      servers: [{{ address: "{origin}" }}]
+    websocket: {{ idle_timeout: 30s, handshake_timeout: 2s {extra_ws} }}
+"#
+    )
+}
+
+/// Sends a raw HTTP request and reads the whole answer (until the server closes or the
+/// answer's Content-Length is complete).
+pub async fn raw_request(addr: SocketAddr, req: &str) -> String {
+    let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    within("write", s.write_all(req.as_bytes())).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = within("read answer", s.read(&mut buf)).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let cl = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+            if cl.is_some_and(|cl| body.len() >= cl) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A valid upgrade request for `path` with extra header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Echo one message through a WebSocket stream.
+pub async fn echo_once<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, msg: Message) -> Message
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    within("send", ws.send(msg)).await.unwrap();
+    within("receive", ws.next()).await.expect("stream ended").expect("ws error")
+}
