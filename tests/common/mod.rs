@@ -131,6 +131,8 @@ pub enum Mode {
 pub enum Seen {
     /// A close frame from the client: code and reason.
     Close(u16, String),
+    /// A text message received on `/sink`.
+    Message(String),
     /// The request headers of an upgrade, as (name, value) lower-cased names.
     Request(Vec<(String, String)>),
 }
@@ -253,6 +255,14 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mode: Mod
                     }))
                     .await;
                 while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            if path == "/sink" {
+                while let Some(Ok(m)) = ws.next().await {
+                    if let Message::Text(t) = m {
+                        seen.lock().unwrap().push(Seen::Message(t.to_string()));
+                    }
+                }
                 return;
             }
             if let Some(n) = path.strip_prefix("/push/") {
