@@ -61,6 +61,14 @@ fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
         Some((k, m)) if !k.contains(' ') => (k.to_string(), m.to_string()),
         _ => (String::new(), msg.clone()),
     };
+    // For a bad value serde_yaml names the mapping that holds it; find the key itself on
+    // the reported line, so the operator reads `...websocket.idle_timeout`.
+    let (key, column) = match leaf_key(text, line, column, &message) {
+        Some((leaf, col)) if !key.ends_with(&format!(".{leaf}")) && !message.starts_with("unknown field") && !message.starts_with("missing field") => {
+            (if key.is_empty() { leaf } else { format!("{key}.{leaf}") }, col)
+        }
+        _ => (key, column),
+    };
     let message = if message.starts_with("unknown field") {
         format!("{message}; remove it or fix its spelling")
     } else {
@@ -78,6 +86,24 @@ fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
         },
         message,
     }
+}
+
+/// The key at `line:column`, or else the key before the first quoted value of `message` on
+/// that line, with the column where it starts.
+fn leaf_key(text: &str, line: usize, column: usize, message: &str) -> Option<(String, usize)> {
+    let src = text.lines().nth(line.checked_sub(1)?)?;
+    let is_key = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let at = src.get(column.checked_sub(1)?..)?;
+    let word: String = at.chars().take_while(|&c| is_key(c)).collect();
+    if !word.is_empty() && at[word.len()..].starts_with(':') {
+        return Some((word, column));
+    }
+    let value = message.split('"').nth(1)?;
+    let before = &src[..src.find(value)?];
+    let before = before.trim_end_matches(['"', '\'', ' ']).strip_suffix(':')?;
+    let start = before.rfind(|c: char| !is_key(c)).map_or(0, |i| i + 1);
+    let word = &before[start..];
+    (!word.is_empty()).then(|| (word.to_string(), start + 1))
 }
 
 /// `resources[3].x` → the name of the fourth resource, read leniently from the text.
