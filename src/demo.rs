@@ -41,10 +41,12 @@ pub async fn serve(listener: TcpListener) {
     }
 }
 
-/// Binds the demo origin on `addr` and serves it on a thread of its own.
-pub fn spawn(addr: SocketAddr) -> std::io::Result<()> {
+/// Binds the demo origin on `addr` (port 0 picks one) and serves it on a thread of its
+/// own; returns the bound address.
+pub fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("demo-origin".into())
         .spawn(move || {
@@ -57,7 +59,7 @@ pub fn spawn(addr: SocketAddr) -> std::io::Result<()> {
                 serve(listener).await
             })
         })?;
-    Ok(())
+    Ok(bound)
 }
 
 async fn handle(stream: TcpStream) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

@@ -88,7 +88,7 @@ pub fn resources(config: &Config) -> Resources {
 
 /// Runs wsedge as the command line asked. Returns only for `-t` or on an error.
 pub fn run(opts: Options) -> Result<(), RunError> {
-    let config = Config::load(&opts.config)?;
+    let mut config = Config::load(&opts.config)?;
     if opts.test {
         println!(
             "wsedge: the configuration file {} syntax is ok ({} resources)",
@@ -101,8 +101,20 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let mut demo_addr = None;
     if opts.demo {
         let addr = config.resources[0].origin.servers[0];
-        demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
-        demo_addr = Some(addr);
+        let bound = demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
+        if bound != addr {
+            // Port 0 in the file: point every server at that address to the bound one.
+            for r in &mut config.resources {
+                let r = Arc::make_mut(r);
+                for s in &mut r.origin.servers {
+                    if *s == addr {
+                        *s = bound;
+                    }
+                }
+            }
+        }
+        println!("wsedge: demo origin on {bound}");
+        demo_addr = Some(bound);
     }
 
     let pingora_opt = Opt {

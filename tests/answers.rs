@@ -32,7 +32,11 @@ resources:
 }
 
 fn status(answer: &str) -> u16 {
-    answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {answer:?}"))
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
 }
 
 fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
@@ -46,7 +50,11 @@ fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
 async fn assert_rejected(origin: &Origin, edge: &Edge, req: String, want: u16) -> String {
     let answer = raw_request(edge.addr, &req).await;
     assert_eq!(status(&answer), want, "request:\n{req}\nanswer:\n{answer}");
-    assert_eq!(origin.count(), 0, "the origin must see no connection for:\n{req}");
+    assert_eq!(
+        origin.count(),
+        0,
+        "the origin must see no connection for:\n{req}"
+    );
     answer
 }
 
@@ -118,11 +126,20 @@ async fn other_version_is_426_with_version_13_and_upgrade_websocket() {
 async fn allowed_upgrades_on_allowed_paths_reach_the_origin() {
     let origin = Origin::start(Mode::Echo).await;
     let edge = Edge::start(&two_resources(origin.addr));
-    for (host, path) in [("localhost", "/ws"), ("localhost", "/ws/room?x=1"), ("localhost", "/live/1"), ("files-ws.localhost", "/any")] {
+    for (host, path) in [
+        ("localhost", "/ws"),
+        ("localhost", "/ws/room?x=1"),
+        ("localhost", "/live/1"),
+        ("files-ws.localhost", "/any"),
+    ] {
         let url = format!("ws://{}{}", edge.addr, path);
-        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .unwrap();
         req.headers_mut().insert("Host", host.parse().unwrap());
-        let (_ws, resp) = within("connect", tokio_tungstenite::connect_async(req)).await.unwrap();
+        let (_ws, resp) = within("connect", tokio_tungstenite::connect_async(req))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 101, "{host}{path}");
     }
     assert_eq!(origin.count(), 4);
@@ -131,8 +148,10 @@ async fn allowed_upgrades_on_allowed_paths_reach_the_origin() {
 #[tokio::test]
 async fn unreachable_origin_is_502_after_trying_every_server_quickly() {
     // Nothing in these tests listens outside 127.0.0.1, so these refuse at once.
-    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) =
-        ("127.0.0.2:9".parse().unwrap(), "127.0.0.3:9".parse().unwrap());
+    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "127.0.0.2:9".parse().unwrap(),
+        "127.0.0.3:9".parse().unwrap(),
+    );
     let yaml = format!(
         r#"
 listen: {{ http: ["127.0.0.1:0"] }}
@@ -146,10 +165,16 @@ resources:
     let started = Instant::now();
     let answer = raw_request(edge.addr, &upgrade_request("/ws", "")).await;
     assert_eq!(status(&answer), 502, "{answer}");
-    assert!(!answer.to_lowercase().contains("error"), "no internal error text in the body: {answer}");
+    assert!(
+        !answer.to_lowercase().contains("error"),
+        "no internal error text in the body: {answer}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     let log = edge.log_text();
-    assert!(log.contains(&a.to_string()) && log.contains(&b.to_string()), "both servers tried:\n{log}");
+    assert!(
+        log.contains(&a.to_string()) && log.contains(&b.to_string()),
+        "both servers tried:\n{log}"
+    );
 
     // Plain HTTP too.
     let plain = "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -171,7 +196,9 @@ resources:
         origin.addr
     );
     let edge = Edge::start(&yaml);
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws"))).await.unwrap();
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
     echo_once(&mut ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
 }
 
@@ -183,7 +210,10 @@ async fn silent_origin_is_504_after_handshake_timeout() {
     let answer = raw_request(edge.addr, &upgrade_request("/ws", "")).await;
     let took = started.elapsed();
     assert_eq!(status(&answer), 504, "{answer}");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]

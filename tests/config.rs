@@ -8,7 +8,12 @@ fn check(yaml: &str) -> (bool, String, String) {
     let dir = common::scratch_dir("conf");
     let path = dir.join("bad.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wsedge")).arg("-t").arg("-c").arg(&path).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsedge"))
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     (
         out.status.success(),
@@ -38,10 +43,16 @@ resources:
 fn assert_error(yaml: &str, line: usize, key: &str, resource: Option<&str>, says: &str) {
     let (ok, err, file) = check(yaml);
     assert!(!ok, "should fail:\n{yaml}");
-    assert!(err.contains(&format!("{file}:{line}:")), "want line {line} in: {err}");
+    assert!(
+        err.contains(&format!("{file}:{line}:")),
+        "want line {line} in: {err}"
+    );
     assert!(err.contains(key), "want key {key} in: {err}");
     if let Some(r) = resource {
-        assert!(err.contains(&format!("resource \"{r}\"")), "want resource {r} in: {err}");
+        assert!(
+            err.contains(&format!("resource \"{r}\"")),
+            "want resource {r} in: {err}"
+        );
     }
     assert!(err.contains(says), "want {says:?} in: {err}");
 }
@@ -55,48 +66,102 @@ fn good_file_passes() {
 #[test]
 fn unknown_key() {
     let yaml = GOOD.replace("      idle_timeout: 60s", "      idel_timeout: 60s");
-    assert_error(&yaml, 10, "resources[0].websocket", Some("chat"), "unknown field `idel_timeout`");
+    assert_error(
+        &yaml,
+        10,
+        "resources[0].websocket",
+        Some("chat"),
+        "unknown field `idel_timeout`",
+    );
 }
 
 #[test]
 fn bad_duration() {
     let yaml = GOOD.replace("idle_timeout: 60s", "idle_timeout: 60 seconds");
-    assert_error(&yaml, 10, "resources[0].websocket.idle_timeout", Some("chat"), "like 500ms, 60s, 5m or 1h");
+    assert_error(
+        &yaml,
+        10,
+        "resources[0].websocket.idle_timeout",
+        Some("chat"),
+        "like 500ms, 60s, 5m or 1h",
+    );
 }
 
 #[test]
 fn duplicate_hostname() {
-    let yaml = GOOD.replace("[\"news.example.com\"]", "[\"news.example.com\", \"chat.example.com\"]");
-    assert_error(&yaml, 12, "resources[1].hostnames[1]", Some("news"), "already belongs to resource \"chat\"");
+    let yaml = GOOD.replace(
+        "[\"news.example.com\"]",
+        "[\"news.example.com\", \"chat.example.com\"]",
+    );
+    assert_error(
+        &yaml,
+        12,
+        "resources[1].hostnames[1]",
+        Some("news"),
+        "already belongs to resource \"chat\"",
+    );
 }
 
 #[test]
 fn no_servers() {
-    let yaml = GOOD.replace("      servers:\n        - { address: \"127.0.0.1:9001\" }", "      servers: []");
-    assert_error(&yaml, 14, "resources[1].origin.servers", Some("news"), "has no servers");
+    let yaml = GOOD.replace(
+        "      servers:\n        - { address: \"127.0.0.1:9001\" }",
+        "      servers: []",
+    );
+    assert_error(
+        &yaml,
+        14,
+        "resources[1].origin.servers",
+        Some("news"),
+        "has no servers",
+    );
 }
 
 #[test]
 fn bad_address() {
     let yaml = GOOD.replace("127.0.0.1:9001", "127.0.0.1:port");
-    assert_error(&yaml, 15, "resources[1].origin.servers[0].address", Some("news"), "write ip:port");
+    assert_error(
+        &yaml,
+        15,
+        "resources[1].origin.servers[0].address",
+        Some("news"),
+        "write ip:port",
+    );
 }
 
 #[test]
 fn bad_enum_value() {
     let yaml = GOOD.replace("    origin:\n      servers:\n        - { address: \"127.0.0.1:9000\" }", "    origin:\n      protocol: htp\n      servers:\n        - { address: \"127.0.0.1:9000\" }");
-    assert_error(&yaml, 7, "resources[0].origin.protocol", Some("chat"), "expected one of `http`, `https`, `follow`");
+    assert_error(
+        &yaml,
+        7,
+        "resources[0].origin.protocol",
+        Some("chat"),
+        "expected one of `http`, `https`, `follow`",
+    );
 }
 
 #[test]
 fn missing_ca_file() {
-    let yaml = GOOD.replace("    websocket:\n      idle_timeout: 60s", "      ca_file: nowhere.pem\n    websocket:\n      idle_timeout: 60s");
-    assert_error(&yaml, 9, "resources[0].origin.ca_file", Some("chat"), "cannot read");
+    let yaml = GOOD.replace(
+        "    websocket:\n      idle_timeout: 60s",
+        "      ca_file: nowhere.pem\n    websocket:\n      idle_timeout: 60s",
+    );
+    assert_error(
+        &yaml,
+        9,
+        "resources[0].origin.ca_file",
+        Some("chat"),
+        "cannot read",
+    );
 }
 
 #[test]
 fn unreadable_file_is_an_error_not_a_panic() {
-    let out = Command::new(env!("CARGO_BIN_EXE_wsedge")).args(["-t", "-c", "/nonexistent/wsedge.yaml"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsedge"))
+        .args(["-t", "-c", "/nonexistent/wsedge.yaml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/wsedge.yaml: cannot read"));
 }

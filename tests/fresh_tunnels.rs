@@ -17,7 +17,9 @@ const CONCURRENCY: usize = 32;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_fresh_tunnels_each_carry_a_message_with_zero_failures() {
     let origin = Origin::start(Mode::Echo).await;
-    let edge = Edge::start(&one_resource(origin.addr, "").replace("listen:", "pingora: { threads: 2 }\nlisten:"));
+    let edge = Edge::start(
+        &one_resource(origin.addr, "").replace("listen:", "pingora: { threads: 2 }\nlisten:"),
+    );
     let url = edge.url("/ws");
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -31,9 +33,13 @@ async fn ten_thousand_fresh_tunnels_each_carry_a_message_with_zero_failures() {
                     return failures;
                 }
                 let one = async {
-                    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.map_err(|e| format!("connect: {e}"))?;
+                    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                        .await
+                        .map_err(|e| format!("connect: {e}"))?;
                     let msg = format!("tunnel {i}");
-                    ws.send(Message::text(msg.clone())).await.map_err(|e| format!("send: {e}"))?;
+                    ws.send(Message::text(msg.clone()))
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
                     match ws.next().await {
                         Some(Ok(Message::Text(t))) if t.as_str() == msg => {}
                         other => return Err(format!("echo: {other:?}")),
@@ -51,9 +57,19 @@ async fn ten_thousand_fresh_tunnels_each_carry_a_message_with_zero_failures() {
     }
     let mut failures = Vec::new();
     for w in workers {
-        failures.extend(tokio::time::timeout(Duration::from_secs(600), w).await.expect("load run bounded").unwrap());
+        failures.extend(
+            tokio::time::timeout(Duration::from_secs(600), w)
+                .await
+                .expect("load run bounded")
+                .unwrap(),
+        );
     }
     assert_eq!(next.load(Ordering::Relaxed).min(TUNNELS), TUNNELS);
-    assert!(failures.is_empty(), "{} of {TUNNELS} tunnels failed, first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {TUNNELS} tunnels failed, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert_eq!(origin.count(), TUNNELS, "one origin connection per tunnel");
 }

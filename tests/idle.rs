@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Waits for the tunnel to end and returns how long after `since` it did.
-async fn time_to_close<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, since: Instant, limit: Duration) -> Duration
+async fn time_to_close<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    since: Instant,
+    limit: Duration,
+) -> Duration
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -28,48 +32,78 @@ where
 #[tokio::test]
 async fn silent_tunnel_closes_within_a_second_of_idle_timeout() {
     let origin = Origin::start(Mode::Echo).await;
-    let edge = Edge::start(&one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 2s"));
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws"))).await.unwrap();
+    let edge = Edge::start(
+        &one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 2s"),
+    );
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
     echo_once(&mut ws, Message::text("last words")).await;
     let last = Instant::now();
     let took = time_to_close(&mut ws, last, Duration::from_secs(10)).await;
-    assert!(took >= Duration::from_millis(1900), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "closed too early: {took:?}"
+    );
     assert!(took <= Duration::from_secs(3), "closed too late: {took:?}");
 }
 
 #[tokio::test]
 async fn traffic_in_either_direction_keeps_the_tunnel_open() {
     let origin = Origin::start(Mode::Echo).await;
-    let edge = Edge::start(&one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 2s"));
+    let edge = Edge::start(
+        &one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 2s"),
+    );
 
     // Origin → client only: the origin pushes every 500 ms and the client never writes.
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/push/500"))).await.unwrap();
+    let (mut ws, _) = within(
+        "connect",
+        tokio_tungstenite::connect_async(edge.url("/push/500")),
+    )
+    .await
+    .unwrap();
     let start = Instant::now();
     let mut ticks = 0;
     while start.elapsed() < Duration::from_secs(6) {
         match within("tick", ws.next()).await {
             Some(Ok(Message::Text(t))) if t.as_str() == "tick" => ticks += 1,
-            other => panic!("origin → client traffic did not keep the tunnel open: {other:?} after {:?}", start.elapsed()),
+            other => panic!(
+                "origin → client traffic did not keep the tunnel open: {other:?} after {:?}",
+                start.elapsed()
+            ),
         }
     }
     assert!(ticks >= 10, "{ticks}");
 
     // Client → origin only: the origin reads and never writes; the client sends every
     // 500 ms for 6 s (3 idle timeouts).
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/sink"))).await.unwrap();
+    let (mut ws, _) = within(
+        "connect",
+        tokio_tungstenite::connect_async(edge.url("/sink")),
+    )
+    .await
+    .unwrap();
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(6) {
-        within("send", ws.send(Message::text(format!("m{sent}")))).await.expect("tunnel cut while the client was talking");
+        within("send", ws.send(Message::text(format!("m{sent}"))))
+            .await
+            .expect("tunnel cut while the client was talking");
         sent += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The origin got every message, in order, and the tunnel is still open: a ping is
     // answered.
-    within("ping", ws.send(Message::Ping(b"p".to_vec().into()))).await.unwrap();
+    within("ping", ws.send(Message::Ping(b"p".to_vec())))
+        .await
+        .unwrap();
     let m = within("pong", ws.next()).await;
     assert!(matches!(m, Some(Ok(Message::Pong(_)))), "{m:?}");
-    let got: Vec<Seen> = origin.seen().into_iter().filter(|s| matches!(s, Seen::Message(_))).collect();
+    let got: Vec<Seen> = origin
+        .seen()
+        .into_iter()
+        .filter(|s| matches!(s, Seen::Message(_)))
+        .collect();
     let want: Vec<Seen> = (0..sent).map(|i| Seen::Message(format!("m{i}"))).collect();
     assert_eq!(got, want);
 }
@@ -79,10 +113,20 @@ async fn traffic_in_either_direction_keeps_the_tunnel_open() {
 #[tokio::test]
 async fn tunnel_with_90s_idle_timeout_survives_65s_of_silence() {
     let origin = Origin::start(Mode::Echo).await;
-    let edge = Edge::start(&one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 90s"));
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws"))).await.unwrap();
+    let edge = Edge::start(
+        &one_resource(origin.addr, "").replace("idle_timeout: 30s", "idle_timeout: 90s"),
+    );
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
     echo_once(&mut ws, Message::text("before")).await;
     let silent = tokio::time::timeout(Duration::from_secs(65), ws.next()).await;
-    assert!(silent.is_err(), "the tunnel ended during the silence: {silent:?}");
-    assert_eq!(echo_once(&mut ws, Message::text("after 65 s")).await, Message::text("after 65 s"));
+    assert!(
+        silent.is_err(),
+        "the tunnel ended during the silence: {silent:?}"
+    );
+    assert_eq!(
+        echo_once(&mut ws, Message::text("after 65 s")).await,
+        Message::text("after 65 s")
+    );
 }

@@ -12,7 +12,9 @@ use tokio_tungstenite::tungstenite::Message;
 fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "wsedge test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "wsedge test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
@@ -68,30 +70,47 @@ resources:
     );
     let edge = Edge::start(&yaml);
     let connect = |host: &str| {
-        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(edge.url("/ws")).unwrap();
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                edge.url("/ws"),
+            )
+            .unwrap();
         req.headers_mut().insert("Host", host.parse().unwrap());
         tokio_tungstenite::connect_async(req)
     };
 
     for host in ["trusted.localhost", "unverified.localhost"] {
-        let (mut ws, _) = within("connect", connect(host)).await.unwrap_or_else(|e| panic!("{host}: {e}\n{}", edge.log_text()));
+        let (mut ws, _) = within("connect", connect(host))
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e}\n{}", edge.log_text()));
         let big = "x".repeat(100_000);
-        assert_eq!(echo_once(&mut ws, Message::text(big.clone())).await, Message::text(big), "{host}");
+        assert_eq!(
+            echo_once(&mut ws, Message::text(big.clone())).await,
+            Message::text(big),
+            "{host}"
+        );
     }
 
     for host in ["untrusted.localhost", "wrong-name.localhost"] {
         let err = within("connect", connect(host)).await.unwrap_err();
         match err {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 502, "{host}"),
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                assert_eq!(resp.status(), 502, "{host}")
+            }
             other => panic!("{host}: want 502, got {other:?}"),
         }
     }
     let log = edge.log_text();
-    assert!(log.to_lowercase().contains("cert"), "the log says why the origin was refused:\n{log}");
+    assert!(
+        log.to_lowercase().contains("cert"),
+        "the log says why the origin was refused:\n{log}"
+    );
 
     // A ws:// client with `follow` goes to the origin over plain HTTP (a TLS hello would
     // not get a WebSocket echo from this plain origin).
-    let (mut ws, _) = within("connect", connect("follow.localhost")).await.unwrap();
+    let (mut ws, _) = within("connect", connect("follow.localhost"))
+        .await
+        .unwrap();
     echo_once(&mut ws, Message::text("followed")).await;
     assert_eq!(plain_origin.count(), 1);
     let _ = std::fs::remove_dir_all(&dir);

@@ -11,15 +11,18 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 fn big_config() -> WebSocketConfig {
-    let mut c = WebSocketConfig::default();
-    c.max_message_size = Some(64 << 20);
-    c.max_frame_size = Some(64 << 20);
-    c
+    WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    }
 }
 
 /// Deterministic bytes of length `n` that differ at every position.
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed).collect()
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+        .collect()
 }
 
 #[tokio::test]
@@ -34,17 +37,41 @@ async fn text_and_binary_from_0_bytes_to_16_mib_are_byte_identical_and_in_order(
     .unwrap();
     assert_eq!(resp.status(), 101);
 
-    let sizes = [0usize, 1, 125, 126, 127, 65535, 65536, 65537, 1 << 20, 16 << 20];
+    let sizes = [
+        0usize,
+        1,
+        125,
+        126,
+        127,
+        65535,
+        65536,
+        65537,
+        1 << 20,
+        16 << 20,
+    ];
     for (i, &n) in sizes.iter().enumerate() {
         let bin = pattern(n, i as u8);
-        assert_eq!(echo_once(&mut ws, Message::binary(bin.clone())).await, Message::binary(bin), "binary {n}");
-        let text: String = pattern(n, i as u8).iter().map(|b| (b'a' + b % 26) as char).collect();
-        assert_eq!(echo_once(&mut ws, Message::text(text.clone())).await, Message::text(text), "text {n}");
+        assert_eq!(
+            echo_once(&mut ws, Message::binary(bin.clone())).await,
+            Message::binary(bin),
+            "binary {n}"
+        );
+        let text: String = pattern(n, i as u8)
+            .iter()
+            .map(|b| (b'a' + b % 26) as char)
+            .collect();
+        assert_eq!(
+            echo_once(&mut ws, Message::text(text.clone())).await,
+            Message::text(text),
+            "text {n}"
+        );
     }
 
     // Pipelined: 1,000 messages sent before any is read come back in order.
     for i in 0..1000u32 {
-        within("send", ws.feed(Message::text(format!("m{i}")))).await.unwrap();
+        within("send", ws.feed(Message::text(format!("m{i}"))))
+            .await
+            .unwrap();
     }
     within("flush", ws.flush()).await.unwrap();
     for i in 0..1000u32 {
@@ -58,25 +85,43 @@ async fn text_and_binary_from_0_bytes_to_16_mib_are_byte_identical_and_in_order(
 async fn fragmented_messages_and_ping_pong_pass() {
     let origin = Origin::start(Mode::Echo).await;
     let edge = Edge::start(&one_resource(origin.addr, ""));
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws"))).await.unwrap();
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
 
     // A text message in three frames: the origin reassembles it, so the edge passed
     // every frame, in order, with its FIN and opcode bits.
     let parts = ["frag", "ment", "ed"];
     let frames = [
-        Frame::message(parts[0].as_bytes().to_vec(), OpCode::Data(Data::Text), false),
-        Frame::message(parts[1].as_bytes().to_vec(), OpCode::Data(Data::Continue), false),
-        Frame::message(parts[2].as_bytes().to_vec(), OpCode::Data(Data::Continue), true),
+        Frame::message(
+            parts[0].as_bytes().to_vec(),
+            OpCode::Data(Data::Text),
+            false,
+        ),
+        Frame::message(
+            parts[1].as_bytes().to_vec(),
+            OpCode::Data(Data::Continue),
+            false,
+        ),
+        Frame::message(
+            parts[2].as_bytes().to_vec(),
+            OpCode::Data(Data::Continue),
+            true,
+        ),
     ];
     for f in frames {
-        within("send frame", ws.send(Message::Frame(f))).await.unwrap();
+        within("send frame", ws.send(Message::Frame(f)))
+            .await
+            .unwrap();
     }
     let m = within("receive", ws.next()).await.unwrap().unwrap();
     assert_eq!(m, Message::text("fragmented"));
 
-    within("ping", ws.send(Message::Ping(b"are you there".to_vec().into()))).await.unwrap();
+    within("ping", ws.send(Message::Ping(b"are you there".to_vec())))
+        .await
+        .unwrap();
     let m = within("pong", ws.next()).await.unwrap().unwrap();
-    assert_eq!(m, Message::Pong(b"are you there".to_vec().into()));
+    assert_eq!(m, Message::Pong(b"are you there".to_vec()));
     within("close", ws.close(None)).await.unwrap();
 }
 
@@ -86,20 +131,40 @@ async fn close_codes_and_reasons_pass_both_ways() {
     let edge = Edge::start(&one_resource(origin.addr, ""));
 
     // Client → origin.
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws"))).await.unwrap();
-    let frame = CloseFrame { code: 4001.into(), reason: "client bye".into() };
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
+    let frame = CloseFrame {
+        code: 4001.into(),
+        reason: "client bye".into(),
+    };
     within("close", ws.close(Some(frame))).await.unwrap();
     // The origin's answering Close comes back through the edge.
     let m = within("close answer", ws.next()).await;
-    assert!(matches!(m, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == 4001), "{m:?}");
+    assert!(
+        matches!(m, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == 4001),
+        "{m:?}"
+    );
     let deadline = std::time::Instant::now() + STEP;
-    while !origin.seen().contains(&Seen::Close(4001, "client bye".into())) {
-        assert!(std::time::Instant::now() < deadline, "origin never saw the close: {:?}", origin.seen());
+    while !origin
+        .seen()
+        .contains(&Seen::Close(4001, "client bye".into()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "origin never saw the close: {:?}",
+            origin.seen()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
     // Origin → client.
-    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/close-me"))).await.unwrap();
+    let (mut ws, _) = within(
+        "connect",
+        tokio_tungstenite::connect_async(edge.url("/close-me")),
+    )
+    .await
+    .unwrap();
     let m = within("origin close", ws.next()).await.unwrap().unwrap();
     match m {
         Message::Close(Some(f)) => {
@@ -115,11 +180,21 @@ async fn subprotocol_selection_and_extension_headers_pass_untouched() {
     let origin = Origin::start(Mode::Echo).await;
     let edge = Edge::start(&one_resource(origin.addr, ""));
     let mut req = edge.url("/ws").into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", "chat.v2, chat.v1".parse().unwrap());
-    let (mut ws, resp) = within("connect", tokio_tungstenite::connect_async(req)).await.unwrap();
-    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "chat.v2");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "chat.v2, chat.v1".parse().unwrap(),
+    );
+    let (mut ws, resp) = within("connect", tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v2"
+    );
     let seen = origin.seen();
-    let Some(Seen::Request(headers)) = seen.first() else { panic!("{seen:?}") };
+    let Some(Seen::Request(headers)) = seen.first() else {
+        panic!("{seen:?}")
+    };
     assert!(headers.contains(&("sec-websocket-protocol".into(), "chat.v2, chat.v1".into())));
     echo_once(&mut ws, Message::text("hi")).await;
 }
@@ -139,12 +214,16 @@ async fn permessage_deflate_negotiated_by_origin_works_end_to_end() {
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         let req = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
-        assert!(req.contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"), "{req}");
+        assert!(
+            req.contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"),
+            "{req}"
+        );
         s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n").await.unwrap();
         // RFC 7692 §7.2.1: deflate, sync flush, drop the trailing 00 00 ff ff.
         let mut c = Compress::new(Compression::default(), false);
         let mut out = Vec::with_capacity(256);
-        c.compress_vec(text.as_bytes(), &mut out, FlushCompress::Sync).unwrap();
+        c.compress_vec(text.as_bytes(), &mut out, FlushCompress::Sync)
+            .unwrap();
         assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
         out.truncate(out.len() - 4);
         let mut frame = vec![0x80 | 0x40 | 0x1, out.len() as u8]; // FIN, RSV1, text
@@ -156,20 +235,34 @@ async fn permessage_deflate_negotiated_by_origin_works_end_to_end() {
         buf
     });
     let edge = Edge::start(&one_resource(origin_addr, ""));
-    let mut c = within("connect", tokio::net::TcpStream::connect(edge.addr)).await.unwrap();
-    let req = upgrade_request("/ws", "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n");
+    let mut c = within("connect", tokio::net::TcpStream::connect(edge.addr))
+        .await
+        .unwrap();
+    let req = upgrade_request(
+        "/ws",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    );
     within("write", c.write_all(req.as_bytes())).await.unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") || got.len() < got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 6 {
+    while !got.windows(4).any(|w| w == b"\r\n\r\n")
+        || got.len() < got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 6
+    {
         let n = within("read", c.read(&mut buf)).await.unwrap();
-        assert!(n > 0, "edge closed early: {}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "edge closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
     let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let head = String::from_utf8_lossy(&got[..split]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"), "{head}");
+    assert!(
+        head.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover"),
+        "{head}"
+    );
     let mut frame = got[split..].to_vec();
     while frame.len() < 2 || frame.len() < 2 + frame[1] as usize {
         let n = within("read frame", c.read(&mut buf)).await.unwrap();
@@ -181,7 +274,8 @@ async fn permessage_deflate_negotiated_by_origin_works_end_to_end() {
     payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
     let mut d = flate2::Decompress::new(false);
     let mut out = Vec::with_capacity(256);
-    d.decompress_vec(&payload, &mut out, flate2::FlushDecompress::Sync).unwrap();
+    d.decompress_vec(&payload, &mut out, flate2::FlushDecompress::Sync)
+        .unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), text);
 
     // And client → origin: a masked RSV1 frame arrives byte-identical.

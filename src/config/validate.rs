@@ -64,8 +64,19 @@ fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
     // For a bad value serde_yaml names the mapping that holds it; find the key itself on
     // the reported line, so the operator reads `...websocket.idle_timeout`.
     let (key, column) = match leaf_key(text, line, column, &message) {
-        Some((leaf, col)) if !key.ends_with(&format!(".{leaf}")) && !message.starts_with("unknown field") && !message.starts_with("missing field") => {
-            (if key.is_empty() { leaf } else { format!("{key}.{leaf}") }, col)
+        Some((leaf, col))
+            if !key.ends_with(&format!(".{leaf}"))
+                && !message.starts_with("unknown field")
+                && !message.starts_with("missing field") =>
+        {
+            (
+                if key.is_empty() {
+                    leaf
+                } else {
+                    format!("{key}.{leaf}")
+                },
+                col,
+            )
         }
         _ => (key, column),
     };
@@ -100,7 +111,9 @@ fn leaf_key(text: &str, line: usize, column: usize, message: &str) -> Option<(St
     }
     let value = message.split('"').nth(1)?;
     let before = &src[..src.find(value)?];
-    let before = before.trim_end_matches(['"', '\'', ' ']).strip_suffix(':')?;
+    let before = before
+        .trim_end_matches(['"', '\'', ' '])
+        .strip_suffix(':')?;
     let start = before.rfind(|c: char| !is_key(c)).map_or(0, |i| i + 1);
     let word = &before[start..];
     (!word.is_empty()).then(|| (word.to_string(), start + 1))

@@ -2,6 +2,8 @@
 //! Ports are 0 everywhere; readiness is the `listening on` line wsedge prints. Every wait
 //! is under a timeout.
 #![allow(dead_code)]
+// tungstenite's accept callback must return Result<Response, ErrorResponse>: its size is not ours.
+#![allow(clippy::result_large_err)]
 
 use futures_util::{SinkExt, StreamExt};
 use std::io::{BufRead, BufReader};
@@ -54,14 +56,20 @@ pub struct Edge {
 impl Edge {
     /// Starts wsedge with `yaml` (which should listen on 127.0.0.1:0).
     pub fn start(yaml: &str) -> Edge {
+        Self::start_with_args(yaml, &[])
+    }
+
+    /// Starts wsedge with `yaml` and extra command-line arguments.
+    pub fn start_with_args(yaml: &str, args: &[&str]) -> Edge {
         let dir = scratch_dir("edge");
         let path = dir.join("wsedge.yaml");
         std::fs::write(&path, yaml).unwrap();
-        Self::start_file(&path, dir)
+        Self::start_file(&path, dir, args)
     }
 
-    pub fn start_file(path: &std::path::Path, dir: PathBuf) -> Edge {
+    pub fn start_file(path: &std::path::Path, dir: PathBuf, args: &[&str]) -> Edge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsedge"))
+            .args(args)
             .arg("-c")
             .arg(path)
             .env("RUST_LOG", "info")
@@ -92,10 +100,18 @@ impl Edge {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!("wsedge did not report its listener; log:\n{}", log.lock().unwrap());
+                panic!(
+                    "wsedge did not report its listener; log:\n{}",
+                    log.lock().unwrap()
+                );
             }
         };
-        Edge { child, addr, log, dir }
+        Edge {
+            child,
+            addr,
+            log,
+            dir,
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -195,11 +211,20 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, connections, seen, task }
+        Origin {
+            addr,
+            connections,
+            seen,
+            task,
+        }
     }
 }
 
-async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    mode: Mode,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) {
     match mode {
         Mode::Silent => {
             let mut buf = [0u8; 1024];
@@ -231,9 +256,18 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mode: Mod
                     .collect();
                 seen2.lock().unwrap().push(Seen::Request(headers));
                 if let Some(p) = req.headers().get("sec-websocket-protocol") {
-                    let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
-                    resp.headers_mut()
-                        .insert("sec-websocket-protocol", HeaderValue::from_str(&first).unwrap());
+                    let first = p
+                        .to_str()
+                        .unwrap()
+                        .split(',')
+                        .next()
+                        .unwrap()
+                        .trim()
+                        .to_string();
+                    resp.headers_mut().insert(
+                        "sec-websocket-protocol",
+                        HeaderValue::from_str(&first).unwrap(),
+                    );
                 }
                 Ok(resp)
             };
@@ -284,7 +318,9 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mode: Mod
                 match msg {
                     Ok(Message::Close(frame)) => {
                         if let Some(f) = frame {
-                            seen.lock().unwrap().push(Seen::Close(f.code.into(), f.reason.to_string()));
+                            seen.lock()
+                                .unwrap()
+                                .push(Seen::Close(f.code.into(), f.reason.to_string()));
                         }
                         // tungstenite answers the close itself on the next flush.
                         let _ = ws.flush().await;
@@ -333,9 +369,11 @@ pub async fn raw_request(addr: SocketAddr, req: &str) -> String {
         out.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&out);
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let cl = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+            let cl = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
             if cl.is_some_and(|cl| body.len() >= cl) {
                 break;
             }
@@ -357,5 +395,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     within("send", ws.send(msg)).await.unwrap();
-    within("receive", ws.next()).await.expect("stream ended").expect("ws error")
+    within("receive", ws.next())
+        .await
+        .expect("stream ended")
+        .expect("ws error")
 }
