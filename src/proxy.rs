@@ -189,6 +189,9 @@ impl ProxyHttp for EdgeProxy {
             Outcome::Unreachable => {
                 respond_status(session, 502, "The origin could not be reached.\n").await?
             }
+            Outcome::BadUpgradeAnswer => {
+                respond_status(session, 502, "The origin gave an invalid answer.\n").await?
+            }
             Outcome::HandshakeTimeout => {
                 respond_status(session, 504, "The origin did not answer in time.\n").await?
             }

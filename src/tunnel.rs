@@ -49,6 +49,8 @@ impl CloseReason {
 pub enum Outcome {
     /// No server of the group could be reached: answer 502.
     Unreachable,
+    /// The origin answered 101 without `Upgrade: websocket`: answer 502.
+    BadUpgradeAnswer,
     /// The origin did not answer within `handshake_timeout`: answer 504.
     HandshakeTimeout,
     /// The origin answered with something other than 101, which was passed on unchanged.
@@ -121,6 +123,21 @@ pub async fn run(
         let status = resp.status.as_u16();
         pass_answer(session, &mut up, resp).await?;
         return Ok(Outcome::Refused(status));
+    }
+
+    // RFC 6455 §4.1: a 101 that does not switch to websocket is not a WebSocket answer;
+    // relaying it would hand the client a connection in an unknown protocol.
+    let upgrades_to_ws = resp.headers.get_all(http::header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    });
+    if !upgrades_to_ws {
+        log::warn!(
+            "resource {}: origin {server} answered 101 without Upgrade: websocket",
+            res.name
+        );
+        return Ok(Outcome::BadUpgradeAnswer);
     }
 
     session.write_response_header(resp, false).await?;

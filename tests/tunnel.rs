@@ -284,3 +284,45 @@ async fn permessage_deflate_negotiated_by_origin_works_end_to_end() {
     let at_origin = within("origin", origin).await.unwrap();
     assert_eq!(at_origin, sent);
 }
+
+/// An origin that pushes a frame in the same write as its 101 (a welcome message): the
+/// frame must reach the client, and a 101 that is not a WebSocket switch is a 502.
+#[tokio::test]
+async fn origin_bytes_right_after_its_101_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for upgrade in ["websocket", "h2c"] {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: {upgrade}\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").into_bytes();
+                out.extend_from_slice(&[0x81, 7]);
+                out.extend_from_slice(b"welcome");
+                s.write_all(&out).await.unwrap();
+                // Hold the connection until the peer goes.
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let edge = Edge::start(&one_resource(origin_addr, ""));
+    let mut c = within("connect", tokio::net::TcpStream::connect(edge.addr))
+        .await
+        .unwrap();
+    within("write", c.write_all(upgrade_request("/ws", "").as_bytes()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\x81\x07welcome") {
+        let n = within("read", c.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+
+    let answer = raw_request(edge.addr, &upgrade_request("/ws", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+}
