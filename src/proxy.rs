@@ -62,16 +62,7 @@ fn client_host(req: &RequestHeader) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
-    match host.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || host.starts_with('[') => {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        }
-        _ => host,
-    }
+    crate::routing::strip_port(host)
 }
 
 /// Whether the client came over TLS.
@@ -79,35 +70,36 @@ fn client_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
-/// Writes a short plain-text answer of the edge's own and ends the exchange.
+/// Writes a short plain-text answer of the edge's own for a rejected request.
 async fn respond(session: &mut Session, reject: Reject, upgrade: bool) -> Result<()> {
-    let body = reject.body();
-    let mut resp = ResponseHeader::build(reject.status(), Some(6))?;
+    // RFC 6455 §4.2.2: a version mismatch tells the client which version to use.
+    let extra: &[(&str, &str)] = if reject == Reject::UnsupportedVersion {
+        &[("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")]
+    } else {
+        &[]
+    };
+    // A client that asked to leave HTTP on this connection does not keep it for more.
+    respond_text(session, reject.status(), reject.body(), upgrade, extra).await
+}
+
+/// Writes `status` with a plain-text `body`, closing the connection after it if `close`.
+async fn respond_text(
+    session: &mut Session,
+    status: u16,
+    body: &'static str,
+    close: bool,
+    extra: &[(&str, &str)],
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
     resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
     resp.insert_header("Content-Length", body.len().to_string())?;
-    if reject == Reject::UnsupportedVersion {
-        // RFC 6455 §4.2.2: tell the client which version to use.
-        resp.insert_header("Sec-WebSocket-Version", "13")?;
-        resp.insert_header("Upgrade", "websocket")?;
+    for (name, value) in extra {
+        resp.insert_header(name.to_string(), *value)?;
     }
-    if upgrade {
-        // The client asked to leave HTTP on this connection; do not keep it for more.
+    if close {
         resp.insert_header("Connection", "close")?;
         session.set_keepalive(None);
     }
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-        .await
-}
-
-/// An answer the edge makes when the origin failed, with the status of DESIGN.md §3.
-async fn respond_status(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
-    resp.insert_header("Content-Length", body.len().to_string())?;
-    resp.insert_header("Connection", "close")?;
-    session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
@@ -187,13 +179,13 @@ impl ProxyHttp for EdgeProxy {
         let tls = client_tls(session);
         match tunnel::run(session, &res, &self.connector, up_req, tls, &host).await? {
             Outcome::Unreachable => {
-                respond_status(session, 502, "The origin could not be reached.\n").await?
+                respond_text(session, 502, "The origin could not be reached.\n", true, &[]).await?
             }
             Outcome::BadUpgradeAnswer => {
-                respond_status(session, 502, "The origin gave an invalid answer.\n").await?
+                respond_text(session, 502, "The origin gave an invalid answer.\n", true, &[]).await?
             }
             Outcome::HandshakeTimeout => {
-                respond_status(session, 504, "The origin did not answer in time.\n").await?
+                respond_text(session, 504, "The origin did not answer in time.\n", true, &[]).await?
             }
             Outcome::Refused(status) => {
                 log::info!("resource {}: origin refused the upgrade with {status}", res.name)

@@ -49,7 +49,7 @@ impl Router {
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return match host.find(']') {
             Some(i) => &host[..=i],
