@@ -19,6 +19,8 @@
 //! are pure functions over the request header and the resource.
 #![deny(missing_docs)]
 
+pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod gate;
@@ -26,7 +28,9 @@ pub mod handshake;
 pub mod listening;
 pub mod origin;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
+pub mod stats;
 pub mod tunnel;
 
 pub use config::{Config, ConfigError, Resource};
@@ -126,9 +130,11 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     };
     let mut server = Server::new_with_opt_and_conf(pingora_opt, server_conf(&config));
     server.bootstrap();
+    let stats = Arc::new(stats::EdgeStats::default());
+    let table = resources(&config);
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        EdgeProxy::new(resources(&config)),
+        EdgeProxy::with_stats(table.clone(), stats.clone()),
         "wsedge",
     );
     for addr in &config.listen.http {
@@ -136,14 +142,34 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     }
     server.add_service(service);
 
-    let wanted = config.listen.http.clone();
+    let admin_addr = config.admin;
+    let mut wanted = config.listen.http.clone();
+    let reloader = Arc::new(reload::Reloader::new(config.clone(), table, stats.clone()));
+    let mut admin = pingora::services::listening::Service::new(
+        "wsedge admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(admin::Admin {
+            stats,
+            reloader: reloader.clone(),
+        }),
+    );
+    admin.add_tcp(&admin_addr.to_string());
+    server.add_service(admin);
+    server.add_service(pingora::services::background::background_service(
+        "reload on SIGHUP",
+        reload::SighupReload(reloader),
+    ));
+    wanted.push(admin_addr);
     let first_host = config.resources[0].hostnames[0].replace("*.", "www.");
     std::thread::spawn(move || {
         let exclude: Vec<_> = demo_addr.into_iter().collect();
         match listening::wait_for(&wanted, &exclude, Duration::from_secs(30)) {
-            Some(bound) => {
+            Some(mut bound) => {
+                let admin = bound.pop();
                 for a in &bound {
                     println!("wsedge: listening on http://{a}");
+                }
+                if let Some(a) = admin {
+                    println!("wsedge: admin on http://{a}");
                 }
                 if demo_addr.is_some() {
                     let port = bound[0].port();

@@ -74,18 +74,23 @@ pub fn wait_for(
             .into_iter()
             .filter(|a| !exclude.contains(a))
             .collect();
-        let mut found = Vec::with_capacity(wanted.len());
-        for w in wanted {
-            let pos = bound
-                .iter()
-                .position(|b| b.ip() == w.ip() && (w.port() == 0 || b.port() == w.port()));
-            match pos {
-                Some(i) => found.push(bound.remove(i)),
-                None => break,
+        // Fixed ports first, so a port-0 listener cannot take a fixed one's socket.
+        let mut found: Vec<Option<SocketAddr>> = vec![None; wanted.len()];
+        for fixed_pass in [true, false] {
+            for (slot, w) in found.iter_mut().zip(wanted) {
+                if slot.is_some() || (w.port() != 0) != fixed_pass {
+                    continue;
+                }
+                let pos = bound
+                    .iter()
+                    .position(|b| b.ip() == w.ip() && (w.port() == 0 || b.port() == w.port()));
+                if let Some(i) = pos {
+                    *slot = Some(bound.remove(i));
+                }
             }
         }
-        if found.len() == wanted.len() {
-            return Some(found);
+        if found.iter().all(Option::is_some) {
+            return Some(found.into_iter().flatten().collect());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -5,7 +5,8 @@ use crate::config::Resource;
 use crate::handshake::{self, Reject};
 use crate::origin;
 use crate::routing::Router;
-use crate::tunnel::{self, Outcome};
+use crate::stats::EdgeStats;
+use crate::tunnel::{self, Outcome, TunnelInfo};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,6 +27,7 @@ pub type Resources = Arc<ArcSwap<Router>>;
 /// wsedge's proxy logic, usable as the `ProxyHttp` of any Pingora HTTP proxy service.
 pub struct EdgeProxy {
     resources: Resources,
+    stats: Arc<EdgeStats>,
     connector: Connector,
 }
 
@@ -42,10 +44,21 @@ pub struct RequestCtx {
 impl EdgeProxy {
     /// A proxy serving the resources of `resources`.
     pub fn new(resources: Resources) -> EdgeProxy {
+        Self::with_stats(resources, Arc::default())
+    }
+
+    /// A proxy that counts into `stats` (shared with an admin listener, say).
+    pub fn with_stats(resources: Resources, stats: Arc<EdgeStats>) -> EdgeProxy {
         EdgeProxy {
             resources,
+            stats,
             connector: Connector::new(None),
         }
+    }
+
+    /// The counters this proxy keeps.
+    pub fn stats(&self) -> &Arc<EdgeStats> {
+        &self.stats
     }
 
     /// The table the proxy serves from; store a new [`Router`] in it to reload.
@@ -177,28 +190,67 @@ impl ProxyHttp for EdgeProxy {
         origin_request(&mut up_req, &res, session)?;
         let host = client_host(session.req_header()).to_string();
         let tls = client_tls(session);
-        match tunnel::run(session, &res, &self.connector, up_req, tls, &host).await? {
+        let info = TunnelInfo {
+            resource: res.name.clone(),
+            client: session
+                .client_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            host,
+            path: session
+                .req_header()
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+        };
+        let outcome = tunnel::run(
+            session,
+            &res,
+            &self.connector,
+            up_req,
+            tls,
+            info,
+            &self.stats,
+        );
+        match outcome.await? {
             Outcome::Unreachable => {
-                respond_text(session, 502, "The origin could not be reached.\n", true, &[]).await?
+                respond_text(
+                    session,
+                    502,
+                    "The origin could not be reached.\n",
+                    true,
+                    &[],
+                )
+                .await?
             }
             Outcome::BadUpgradeAnswer => {
-                respond_text(session, 502, "The origin gave an invalid answer.\n", true, &[]).await?
+                respond_text(
+                    session,
+                    502,
+                    "The origin gave an invalid answer.\n",
+                    true,
+                    &[],
+                )
+                .await?
             }
             Outcome::HandshakeTimeout => {
-                respond_text(session, 504, "The origin did not answer in time.\n", true, &[]).await?
+                respond_text(
+                    session,
+                    504,
+                    "The origin did not answer in time.\n",
+                    true,
+                    &[],
+                )
+                .await?
             }
             Outcome::Refused(status) => {
-                log::info!("resource {}: origin refused the upgrade with {status}", res.name)
+                log::info!(
+                    "resource {}: origin refused the upgrade with {status}",
+                    res.name
+                )
             }
-            Outcome::Closed(stats) => log::info!(
-                "resource {}: tunnel to {} closed: {} after {:.3}s, {} bytes client→origin, {} bytes origin→client",
-                res.name,
-                stats.server,
-                stats.reason.as_str(),
-                stats.duration.as_secs_f64(),
-                stats.client_to_origin,
-                stats.origin_to_client
-            ),
+            Outcome::Closed(_) => {}
         }
         Ok(true)
     }

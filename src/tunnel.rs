@@ -9,13 +9,19 @@
 //! loop owns both sessions: there is no end-of-body message to misorder, the idle timer
 //! covers both directions (the heartbeat interval), and the close reason is known exactly.
 
+use crate::access_log;
 use crate::config::Resource;
 use crate::origin;
+use crate::stats::EdgeStats;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as OriginSession;
 use pingora::proxy::Session;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 use tokio::time::{sleep_until, timeout};
 
@@ -30,9 +36,20 @@ pub enum CloseReason {
     IdleTimeout,
     /// A read or write failed.
     Error,
+    /// The process shut down (or the task was dropped) with the tunnel still open.
+    Shutdown,
 }
 
 impl CloseReason {
+    /// Every reason, in the order of their discriminants.
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::ClientClosed,
+        CloseReason::OriginClosed,
+        CloseReason::IdleTimeout,
+        CloseReason::Error,
+        CloseReason::Shutdown,
+    ];
+
     /// The label in metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,6 +57,7 @@ impl CloseReason {
             CloseReason::OriginClosed => "origin_closed",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 }
@@ -55,23 +73,79 @@ pub enum Outcome {
     HandshakeTimeout,
     /// The origin answered with something other than 101, which was passed on unchanged.
     Refused(u16),
-    /// A tunnel was open and has now ended.
-    Closed(TunnelStats),
+    /// A tunnel was open and has now ended (its guard logged it).
+    Closed(CloseReason),
 }
 
-/// Traffic of one tunnel.
+/// Who and what a tunnel is for, for its log line.
 #[derive(Debug, Clone)]
-pub struct TunnelStats {
-    /// The origin server that served it.
-    pub server: std::net::SocketAddr,
-    /// Bytes from client to origin after the 101.
-    pub client_to_origin: u64,
-    /// Bytes from origin to client after the 101.
-    pub origin_to_client: u64,
-    /// How it ended.
-    pub reason: CloseReason,
-    /// How long it was open.
-    pub duration: Duration,
+pub struct TunnelInfo {
+    /// The resource's name.
+    pub resource: String,
+    /// The client's address.
+    pub client: String,
+    /// The Host the client asked for, without port.
+    pub host: String,
+    /// The request path (and query).
+    pub path: String,
+}
+
+/// An open tunnel's accounting. Its `Drop` records the close, so a tunnel is counted and
+/// logged however it ends, including when the runtime is dropped at shutdown with the
+/// tunnel still open (then the reason is `shutdown`).
+struct TunnelGuard {
+    info: TunnelInfo,
+    stats: Arc<EdgeStats>,
+    server: SocketAddr,
+    opened_at: SystemTime,
+    started: Instant,
+    client_to_origin: u64,
+    origin_to_client: u64,
+    reason: Option<CloseReason>,
+}
+
+impl TunnelGuard {
+    fn new(info: TunnelInfo, stats: Arc<EdgeStats>, server: SocketAddr) -> TunnelGuard {
+        stats.tunnel_opened();
+        TunnelGuard {
+            info,
+            stats,
+            server,
+            opened_at: SystemTime::now(),
+            started: Instant::now(),
+            client_to_origin: 0,
+            origin_to_client: 0,
+            reason: None,
+        }
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        let reason = self.reason.unwrap_or(CloseReason::Shutdown);
+        self.stats.tunnel_closed(reason);
+        let mut line = String::with_capacity(256);
+        line.push_str("{\"time\":");
+        access_log::json_str(&mut line, &access_log::rfc3339(self.opened_at));
+        line.push_str(",\"kind\":\"tunnel\",\"resource\":");
+        access_log::json_str(&mut line, &self.info.resource);
+        line.push_str(",\"client\":");
+        access_log::json_str(&mut line, &self.info.client);
+        line.push_str(",\"host\":");
+        access_log::json_str(&mut line, &self.info.host);
+        line.push_str(",\"path\":");
+        access_log::json_str(&mut line, &self.info.path);
+        let _ = write!(
+            line,
+            ",\"status\":101,\"bytes_client_to_origin\":{},\"bytes_origin_to_client\":{},\"duration_ms\":{},\"close_reason\":\"{}\",\"origin\":\"{}\"}}",
+            self.client_to_origin,
+            self.origin_to_client,
+            self.started.elapsed().as_millis(),
+            reason.as_str(),
+            self.server
+        );
+        access_log::write_line(&line);
+    }
 }
 
 /// Sends the upgrade to the resource's origin group and, on 101, relays until the end.
@@ -82,13 +156,14 @@ pub async fn run(
     connector: &Connector,
     req: RequestHeader,
     client_tls: bool,
-    client_host: &str,
+    info: TunnelInfo,
+    stats: &Arc<EdgeStats>,
 ) -> pingora::Result<Outcome> {
     // Try the servers of the group in order; a server that refuses or cannot be reached
     // costs no more than its connect attempt.
     let mut conn = None;
     for &server in &res.origin.servers {
-        let peer = origin::peer(res, server, client_tls, client_host);
+        let peer = origin::peer(res, server, client_tls, &info.host);
         match connector.get_http_session(&peer).await {
             Ok((mut up, _reused)) => match up.write_request_header(Box::new(req.clone())).await {
                 Ok(_) => {
@@ -141,8 +216,10 @@ pub async fn run(
     }
 
     session.write_response_header(resp, false).await?;
-    let stats = relay(session, &mut up, res.websocket.idle_timeout, server).await;
-    Ok(Outcome::Closed(stats))
+    let mut guard = TunnelGuard::new(info, stats.clone(), server);
+    let reason = relay(session, &mut up, res.websocket.idle_timeout, &mut guard).await;
+    guard.reason = Some(reason);
+    Ok(Outcome::Closed(reason))
 }
 
 /// Passes an origin's non-101 answer (header and body) to the client unchanged.
@@ -166,14 +243,14 @@ async fn pass_answer(
     session.write_response_body(None, true).await
 }
 
-/// Relays bytes both ways until one side closes or nothing moves for `idle`.
+/// Relays bytes both ways until one side closes or nothing moves for `idle`; counts the
+/// bytes in `guard` as they pass.
 async fn relay(
     session: &mut Session,
     up: &mut OriginSession,
     idle: Duration,
-    server: std::net::SocketAddr,
-) -> TunnelStats {
-    let started = Instant::now();
+    guard: &mut TunnelGuard,
+) -> CloseReason {
     // Our idle timer replaces the per-side read timeouts: a tunnel where only one side
     // talks is not idle. Writes keep a timeout so a peer that stops reading cannot pin
     // the tunnel forever.
@@ -183,15 +260,13 @@ async fn relay(
     up.write_timeout = Some(idle);
     up.maybe_upgrade_body_writer();
 
-    let mut c2o = 0u64;
-    let mut o2c = 0u64;
     let mut deadline = tokio::time::Instant::now() + idle;
     let mut client_open = true;
     let reason = loop {
         tokio::select! {
             r = session.downstream_session.read_request_body(), if client_open => match r {
                 Ok(Some(b)) => {
-                    c2o += b.len() as u64;
+                    guard.client_to_origin += b.len() as u64;
                     deadline = tokio::time::Instant::now() + idle;
                     if up.write_body(&b).await.is_err() {
                         break CloseReason::Error;
@@ -207,7 +282,7 @@ async fn relay(
             },
             r = up.read_body_bytes() => match r {
                 Ok(Some(b)) => {
-                    o2c += b.len() as u64;
+                    guard.origin_to_client += b.len() as u64;
                     deadline = tokio::time::Instant::now() + idle;
                     if session.downstream_session.write_response_body(b, false).await.is_err() {
                         break CloseReason::Error;
@@ -225,11 +300,5 @@ async fn relay(
         .downstream_session
         .write_response_body(Bytes::new(), true)
         .await;
-    TunnelStats {
-        server,
-        client_to_origin: c2o,
-        origin_to_client: o2c,
-        reason,
-        duration: started.elapsed(),
-    }
+    reason
 }

@@ -11,7 +11,8 @@ async fn demo_serves_the_page_and_echoes_through_the_edge() {
     let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/demo.yaml"))
         .unwrap()
         .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("127.0.0.1:9001", "127.0.0.1:0");
+        .replace("127.0.0.1:9001", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.2:0");
     let edge = Edge::start_with_args(&yaml, &["--demo"]);
 
     let page = raw_request(

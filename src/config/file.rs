@@ -16,6 +16,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub pingora: Option<BTreeMap<String, serde_yaml::Value>>,
     pub listen: ListenFile,
+    /// The admin listener (/healthz, /reload, /metrics).
+    #[serde(default)]
+    pub admin: Option<Addr>,
     #[serde(default)]
     pub defaults: DefaultsFile,
     pub resources: Vec<ResourceFile>,

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where the admin listener binds when the file does not say: loopback only.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 /// Idle time after which a tunnel with no data either way is closed, when not configured.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time the origin has to answer an upgrade, when not configured.
@@ -28,6 +31,8 @@ pub struct Config {
     pub pingora_yaml: Option<String>,
     /// Listening addresses.
     pub listen: Listen,
+    /// The admin listener's address.
+    pub admin: SocketAddr,
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
 }

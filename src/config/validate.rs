@@ -253,6 +253,7 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
     Ok(Config {
         source: path.to_path_buf(),
         pingora_yaml,
+        admin: f.admin.as_ref().map_or(super::DEFAULT_ADMIN, |a| a.0),
         listen: Listen {
             http: f.listen.http.iter().map(|a| a.0).collect(),
         },

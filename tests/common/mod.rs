@@ -48,8 +48,13 @@ pub struct Edge {
     child: Child,
     /// The HTTP listener.
     pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    pub pid: u32,
     /// Everything wsedge wrote on stderr (its log), filled by a reader thread.
     pub log: Arc<Mutex<String>>,
+    /// The access-log lines (JSON) wsedge wrote on stdout.
+    pub access: Arc<Mutex<Vec<String>>>,
     pub dir: PathBuf,
 }
 
@@ -63,7 +68,7 @@ impl Edge {
     pub fn start_with_args(yaml: &str, args: &[&str]) -> Edge {
         let dir = scratch_dir("edge");
         let path = dir.join("wsedge.yaml");
-        std::fs::write(&path, yaml).unwrap();
+        std::fs::write(&path, with_admin(yaml)).unwrap();
         Self::start_file(&path, dir, args)
     }
 
@@ -89,29 +94,84 @@ impl Edge {
         });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let access2 = access.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("wsedge: listening on http://") {
                     let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                } else if let Some(a) = line.strip_prefix("wsedge: admin on http://") {
+                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                } else if line.starts_with('{') {
+                    access2.lock().unwrap().push(line);
                 }
             }
         });
-        let addr = match rx.recv_timeout(STEP) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "wsedge did not report its listener; log:\n{}",
-                    log.lock().unwrap()
-                );
+        let mut addrs = Vec::new();
+        while addrs.len() < 2 {
+            match rx.recv_timeout(STEP) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "wsedge did not report its listeners; log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
             }
-        };
+        }
+        let pid = child.id();
         Edge {
             child,
-            addr,
+            addr: addrs[0],
+            admin: addrs[1],
+            pid,
             log,
+            access,
             dir,
         }
+    }
+
+    /// The access-log lines so far.
+    pub fn access_lines(&self) -> Vec<String> {
+        self.access.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` (like "HUP", "TERM", "QUIT") to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, up to `limit`; true if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let end = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < end {
+            if self.child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// An admin request; returns (status, body).
+    pub async fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
+        let answer = raw_request(self.admin, &format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn log_text(&self) -> String {
@@ -128,6 +188,16 @@ impl Drop for Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Adds an admin listener on 127.0.0.2:0 unless the file has one: tests never use fixed
+/// ports, and a different loopback address keeps it apart from the port-0 HTTP listener.
+pub fn with_admin(yaml: &str) -> String {
+    if yaml.lines().any(|l| l.starts_with("admin:")) {
+        yaml.to_string()
+    } else {
+        format!("admin: \"127.0.0.2:0\"\n{yaml}")
     }
 }
 
@@ -369,6 +439,10 @@ pub async fn raw_request(addr: SocketAddr, req: &str) -> String {
         out.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&out);
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            // A 101 has no body: the connection is now a tunnel.
+            if head.starts_with("HTTP/1.1 101") {
+                break;
+            }
             let cl = head.lines().find_map(|l| {
                 l.to_ascii_lowercase()
                     .strip_prefix("content-length:")

@@ -1,0 +1,356 @@
+//! Live operations: reloads that never cut tunnels, SIGTERM with a grace period, and the
+//! zero-downtime upgrade (`-u` + SIGQUIT).
+
+mod common;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn config(origin: SocketAddr, round: usize, valid: bool, pingora: &str) -> String {
+    let typo = if valid { "" } else { "\n    surprise_key: 1" };
+    with_admin(&format!(
+        r#"{pingora}
+listen: {{ http: ["127.0.0.1:0"] }}
+resources:
+  - name: live
+    hostnames: ["127.0.0.1", "localhost", "v{round}.localhost"]
+    origin: {{ servers: [{{ address: "{origin}" }}] }}{typo}
+    websocket: {{ idle_timeout: 60s }}
+"#
+    ))
+}
+
+async fn handshake_status(edge: &Edge, host: &str, path: &str) -> u16 {
+    let answer = raw_request(
+        edge.addr,
+        &upgrade_request(path, "").replace("Host: localhost", &format!("Host: {host}")),
+    )
+    .await;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn open_tunnels(edge: &Edge, n: usize) -> Vec<Ws> {
+    let mut all = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(50) {
+        let batch = (chunk * 50..((chunk + 1) * 50).min(n))
+            .map(|_| tokio_tungstenite::connect_async(edge.url("/ws")));
+        for r in within(
+            "open a batch of tunnels",
+            futures_util::future::join_all(batch),
+        )
+        .await
+        {
+            all.push(r.expect("tunnel opens").0);
+        }
+    }
+    all
+}
+
+/// Every tunnel sends `tag-i` and must get exactly that back next.
+async fn exchange(tunnels: &mut [Ws], tag: &str) {
+    let rounds = tunnels.iter_mut().enumerate().map(|(i, ws)| async move {
+        let msg = format!("{tag}-{i}");
+        ws.send(Message::text(msg.clone()))
+            .await
+            .map_err(|e| format!("tunnel {i}: send: {e}"))?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str() == msg => Ok(()),
+            other => Err(format!("tunnel {i}: want {msg}, got {other:?}")),
+        }
+    });
+    let results = within(
+        "exchange on every tunnel",
+        futures_util::future::join_all(rounds),
+    )
+    .await;
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    assert!(
+        errors.is_empty(),
+        "{} tunnels failed, first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_tunnels_survive_fifty_reloads_and_new_handshakes_see_each_config() {
+    let origin = Origin::start(Mode::Echo).await;
+    let edge = Edge::start(&config(origin.addr, 0, true, ""));
+    let path = edge.dir.join("wsedge.yaml");
+    let mut tunnels = open_tunnels(&edge, 1000).await;
+    exchange(&mut tunnels, "start").await;
+
+    let mut last_valid = 0;
+    for round in 1..=50 {
+        let valid = round % 3 != 0;
+        std::fs::write(&path, config(origin.addr, round, valid, "")).unwrap();
+        if round % 2 == 0 {
+            let (status, body) = edge.admin_request("POST", "/reload").await;
+            assert_eq!(
+                status,
+                if valid { 200 } else { 422 },
+                "round {round}: {body}"
+            );
+        } else {
+            let before = edge.admin_request("GET", "/healthz").await.1;
+            edge.signal("HUP");
+            let deadline = Instant::now() + STEP;
+            while edge.admin_request("GET", "/healthz").await.1 == before {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: SIGHUP did not reload"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if valid {
+            last_valid = round;
+            assert_eq!(
+                handshake_status(&edge, &format!("v{round}.localhost"), "/probe").await,
+                101,
+                "round {round}"
+            );
+        } else {
+            assert_eq!(
+                handshake_status(&edge, &format!("v{round}.localhost"), "/probe").await,
+                404,
+                "round {round}"
+            );
+            assert_eq!(
+                handshake_status(&edge, &format!("v{last_valid}.localhost"), "/probe").await,
+                101,
+                "round {round}: the previous config serves on"
+            );
+        }
+        exchange(&mut tunnels, &format!("round{round}")).await;
+    }
+    // No tunnel of the thousand closed during all that: the only closes logged are probes.
+    let closed_tunnels: Vec<String> = edge
+        .access_lines()
+        .into_iter()
+        .filter(|l| l.contains("\"path\":\"/ws\""))
+        .collect();
+    assert!(
+        closed_tunnels.is_empty(),
+        "tunnels closed during reloads: {:?}",
+        &closed_tunnels[..closed_tunnels.len().min(3)]
+    );
+    let metrics = edge.admin_request("GET", "/metrics").await.1;
+    assert!(
+        metrics.contains("wsedge_config_reloads_total{result=\"ok\"} 34"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wsedge_config_reloads_total{result=\"failed\"} 16"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wsedge_ws_tunnels_open 1000"), "{metrics}");
+}
+
+#[tokio::test]
+async fn invalid_reload_keeps_the_old_config_and_healthz_says_where() {
+    let origin = Origin::start(Mode::Echo).await;
+    let edge = Edge::start(&config(origin.addr, 1, true, ""));
+    let path = edge.dir.join("wsedge.yaml");
+    std::fs::write(&path, config(origin.addr, 2, false, "")).unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 422, "{body}");
+    let (status, health) = edge.admin_request("GET", "/healthz").await;
+    assert_eq!(status, 200);
+    assert!(health.contains("\"ok\":false"), "{health}");
+    // Line 8 is `surprise_key: 1`, under resources[0].
+    assert!(health.contains("wsedge.yaml:8:5"), "the line: {health}");
+    assert!(
+        health.contains("resources[0]") && health.contains("unknown field `surprise_key`"),
+        "the key: {health}"
+    );
+    assert!(
+        health.contains("still serving the previous configuration"),
+        "{health}"
+    );
+    assert!(
+        edge.log_text().contains("unknown field `surprise_key`"),
+        "logged too"
+    );
+    assert_eq!(handshake_status(&edge, "v1.localhost", "/ws").await, 101);
+    assert_eq!(handshake_status(&edge, "v2.localhost", "/ws").await, 404);
+}
+
+#[tokio::test]
+async fn sigterm_stops_new_connections_lets_tunnels_finish_and_records_shutdown() {
+    let origin = Origin::start(Mode::Echo).await;
+    let pingora = "pingora: { grace_period_seconds: 3, graceful_shutdown_timeout_seconds: 1 }";
+    let mut edge = Edge::start(&config(origin.addr, 0, true, pingora));
+    let (mut finishing, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
+    let (mut lingering, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
+    echo_once(&mut finishing, Message::text("before")).await;
+    echo_once(&mut lingering, Message::text("before")).await;
+
+    let term = Instant::now();
+    edge.signal("TERM");
+    // New connections stop being served.
+    let deadline = Instant::now() + STEP;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio_tungstenite::connect_async(edge.url("/ws")),
+        )
+        .await;
+        if !matches!(attempt, Ok(Ok(_))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still accepting new tunnels after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An open tunnel carries on within the grace period and ends by itself.
+    assert_eq!(
+        echo_once(&mut finishing, Message::text("after")).await,
+        Message::text("after")
+    );
+    within("close", finishing.close(None)).await.unwrap();
+    // The other is cut when the grace period is over.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match lingering.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "the lingering tunnel outlived the grace period"
+    );
+    assert!(
+        term.elapsed() >= Duration::from_millis(2500),
+        "cut before the grace period: {:?}",
+        term.elapsed()
+    );
+    assert!(
+        edge.wait_exit(Duration::from_secs(10)),
+        "wsedge did not exit"
+    );
+    let lines = edge.access_lines();
+    let reasons: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split("\"close_reason\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(reasons.contains(&"client_closed"), "{lines:?}");
+    assert!(reasons.contains(&"shutdown"), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_refuses_no_connection_and_keeps_old_tunnels() {
+    let origin = Origin::start(Mode::Echo).await;
+    let dir = scratch_dir("upgrade");
+    let sock = dir.join("upgrade.sock");
+    let pingora = format!(
+        "pingora: {{ upgrade_sock: \"{}\", pid_file: \"{}\", grace_period_seconds: 4, graceful_shutdown_timeout_seconds: 1 }}",
+        sock.display(),
+        dir.join("wsedge.pid").display()
+    );
+    let mut old = Edge::start(&config(origin.addr, 0, true, &pingora));
+    let path = old.dir.join("wsedge.yaml");
+    let mut before = open_tunnels(&old, 10).await;
+    exchange(&mut before, "before").await;
+
+    // Clients keep making handshakes through the whole upgrade.
+    let addr = old.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let clients = tokio::spawn(async move {
+        let (mut ok, mut failures) = (0usize, Vec::new());
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && ok + failures.len() < 100_000 {
+            let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+            req.headers_mut()
+                .insert("Host", "localhost".parse().unwrap());
+            let one = async {
+                let (mut ws, _) = tokio_tungstenite::connect_async(req)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.send(Message::text("during"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.next()
+                    .await
+                    .ok_or("no echo")?
+                    .map_err(|e| e.to_string())?;
+                ws.close(None).await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(STEP, one).await {
+                Ok(Ok(())) => ok += 1,
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => failures.push("timed out".into()),
+            }
+        }
+        (ok, failures)
+    });
+
+    // The new process waits for the old one's sockets on upgrade_sock.
+    let new_path = path.clone();
+    let new_dir = scratch_dir("upgrade-new");
+    let new = tokio::task::spawn_blocking(move || Edge::start_file(&new_path, new_dir, &["-u"]));
+    let deadline = Instant::now() + STEP;
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never listened on {}",
+            sock.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    old.signal("QUIT");
+    let new = within("the new process takes over", new).await.unwrap();
+    assert_eq!(new.addr, old.addr, "same listening socket");
+
+    // Old tunnels keep working while the old process hands over and drains.
+    for round in 0..6 {
+        exchange(&mut before, &format!("draining{round}")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for ws in &mut before {
+        within("close an old tunnel", ws.close(None)).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = within("client loop", clients).await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} handshakes failed during the upgrade, first: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(ok > 20, "the loop made only {ok} handshakes");
+    assert!(
+        old.wait_exit(Duration::from_secs(15)),
+        "the old process did not exit"
+    );
+    // The new process serves.
+    let (mut ws, _) = within(
+        "connect to the new process",
+        tokio_tungstenite::connect_async(new.url("/ws")),
+    )
+    .await
+    .unwrap();
+    echo_once(&mut ws, Message::text("new")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
