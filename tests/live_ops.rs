@@ -354,3 +354,27 @@ async fn graceful_upgrade_refuses_no_connection_and_keeps_old_tunnels() {
     echo_once(&mut ws, Message::text("new")).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn reload_turning_websocket_off_refuses_new_upgrades_but_open_tunnels_carry_on() {
+    let origin = Origin::start(Mode::Echo).await;
+    let edge = Edge::start(&config(origin.addr, 1, true, ""));
+    let path = edge.dir.join("wsedge.yaml");
+    let (mut open, _) = within("connect", tokio_tungstenite::connect_async(edge.url("/ws")))
+        .await
+        .unwrap();
+    echo_once(&mut open, Message::text("before")).await;
+
+    let off = config(origin.addr, 1, true, "")
+        .replace("idle_timeout: 60s", "idle_timeout: 1s, enabled: false");
+    std::fs::write(&path, off).unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(handshake_status(&edge, "localhost", "/ws").await, 403);
+    // The open tunnel keeps its settings: WebSocket on, and a 60 s idle timeout, not 1 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        echo_once(&mut open, Message::text("after")).await,
+        Message::text("after")
+    );
+}
