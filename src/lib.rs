@@ -23,6 +23,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod frames;
 pub mod gate;
 pub mod handshake;
 pub mod listening;
