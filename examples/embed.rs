@@ -25,10 +25,12 @@ fn main() {
     server.bootstrap();
 
     // The resource table can be swapped at any time (a reload): keep a handle to it.
-    let resources = wsedge::resources(&config);
+    // The counters are shared with whatever serves them (wsedge's admin app, say).
+    let stats = std::sync::Arc::new(wsedge::stats::EdgeStats::default());
+    let resources = wsedge::resources(&config, &stats);
     let mut edge = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        EdgeProxy::new(resources.clone()),
+        EdgeProxy::new(resources.clone(), stats),
         "wsedge",
     );
     for addr in &config.listen.http {

@@ -60,7 +60,8 @@ impl FrameReader {
             // Collect a header: 2 bytes, then what they say follows.
             let need = self.header_len();
             let take = (need - self.head_len as usize).min(data.len());
-            self.head[self.head_len as usize..self.head_len as usize + take].copy_from_slice(&data[..take]);
+            self.head[self.head_len as usize..self.head_len as usize + take]
+                .copy_from_slice(&data[..take]);
             self.head_len += take as u8;
             data = &data[take..];
             if (self.head_len as usize) < self.header_len() {
@@ -92,7 +93,10 @@ impl FrameReader {
         let masked = h[1] & 0x80 != 0;
         let (len, at) = match h[1] & 0x7f {
             126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
-            127 => (u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]), 10),
+            127 => (
+                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                10,
+            ),
             n => (u64::from(n), 2),
         };
         // Reserved opcodes, oversized control frames, or a 64-bit length with the top bit
@@ -156,7 +160,12 @@ mod tests {
         s.extend(frame(true, 9, b"ping", None)); // control frame inside a fragmented message
         s.extend(frame(true, 0, &[9u8; 70_000], Some([5, 6, 7, 8])));
         s.extend(frame(true, 2, b"", None));
-        s.extend(frame(true, 8, &[0x0f, 0xa1, b'b', b'y', b'e'], Some([9, 9, 9, 9])));
+        s.extend(frame(
+            true,
+            8,
+            &[0x0f, 0xa1, b'b', b'y', b'e'],
+            Some([9, 9, 9, 9]),
+        ));
         s
     }
 
@@ -180,7 +189,13 @@ mod tests {
     #[test]
     fn close_without_code_and_garbage_stop_cleanly() {
         let mut r = FrameReader::default();
-        assert_eq!(r.feed(&frame(true, 8, b"", None)), Seen { messages: 0, close: true });
+        assert_eq!(
+            r.feed(&frame(true, 8, b"", None)),
+            Seen {
+                messages: 0,
+                close: true
+            }
+        );
         assert_eq!(r.close_code, None);
         let mut r = FrameReader::default();
         assert_eq!(r.feed(b"GET / HTTP/1.1\r\n\r\n").messages, 0);

@@ -66,6 +66,14 @@ pub enum RunError {
     /// The configuration is unusable.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// The access log file could not be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        /// The configured target.
+        target: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// The demo origin could not start.
     #[error("cannot start the demo origin on {addr}: {source}")]
     Demo {
@@ -86,9 +94,9 @@ pub fn server_conf(config: &Config) -> ServerConf {
         .unwrap_or_default()
 }
 
-/// The shareable resource table for a configuration.
-pub fn resources(config: &Config) -> Resources {
-    Arc::new(ArcSwap::from_pointee(Router::new(config)))
+/// The shareable resource table for a configuration, counting into `stats`.
+pub fn resources(config: &Config, stats: &stats::EdgeStats) -> Resources {
+    Arc::new(ArcSwap::from_pointee(Router::new(config, stats)))
 }
 
 /// Runs wsedge as the command line asked. Returns only for `-t` or on an error.
@@ -132,18 +140,24 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let mut server = Server::new_with_opt_and_conf(pingora_opt, server_conf(&config));
     server.bootstrap();
     let stats = Arc::new(stats::EdgeStats::default());
-    let table = resources(&config);
-    let mut service = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        EdgeProxy::with_stats(table.clone(), stats.clone()),
-        "wsedge",
-    );
+    let table = resources(&config, &stats);
+    let access_log =
+        access_log::AccessLog::open(&config.access_log).map_err(|source| RunError::AccessLog {
+            target: format!("{:?}", config.access_log),
+            source,
+        })?;
+    let proxy = EdgeProxy::new(table.clone(), stats.clone())
+        .with_access_log(access_log)
+        .with_metrics(config.metrics);
+    let mut service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "wsedge");
     for addr in &config.listen.http {
         service.add_tcp(&addr.to_string());
     }
     server.add_service(service);
 
     let admin_addr = config.admin;
+    let stats_for_ticker = stats.clone();
     let mut wanted = config.listen.http.clone();
     let reloader = Arc::new(reload::Reloader::new(config.clone(), table, stats.clone()));
     let mut admin = pingora::services::listening::Service::new(
@@ -158,6 +172,10 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     server.add_service(pingora::services::background::background_service(
         "reload on SIGHUP",
         reload::SighupReload(reloader),
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "stats windows",
+        stats::Ticker(stats_for_ticker),
     ));
     wanted.push(admin_addr);
     let first_host = config.resources[0].hostnames[0].replace("*.", "www.");

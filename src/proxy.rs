@@ -1,12 +1,13 @@
 //! [`EdgeProxy`]: wsedge's `ProxyHttp`. Each hook delegates to a module: routing, the
-//! handshake checks, the gate, the origin, the tunnel.
+//! handshake checks, the gate, the origin, the tunnel, the counters.
 
+use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::handshake::{self, Reject};
 use crate::origin;
-use crate::routing::Router;
+use crate::routing::{Router, Site};
 use crate::stats::EdgeStats;
-use crate::tunnel::{self, Outcome, TunnelInfo};
+use crate::tunnel::{self, Outcome, Reporting, TunnelInfo};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Read and write timeout for plain HTTP requests towards the client and the origin.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,32 +29,61 @@ pub type Resources = Arc<ArcSwap<Router>>;
 pub struct EdgeProxy {
     resources: Resources,
     stats: Arc<EdgeStats>,
+    log: Arc<AccessLog>,
+    metrics: bool,
     connector: Connector,
 }
 
 /// Per-request state.
-#[derive(Default)]
 pub struct RequestCtx {
     /// The resource the Host matched, fixed for the whole request (a reload does not
     /// change what an open tunnel runs with).
-    pub resource: Option<Arc<Resource>>,
+    pub site: Option<Arc<Site>>,
+    /// Whether the request asked for an upgrade.
+    upgrade: bool,
+    /// A tunnel was opened (it logs itself).
+    tunnel: bool,
     /// Index of the origin server tried for plain HTTP.
     server_index: usize,
+    started: Instant,
+    received: SystemTime,
+}
+
+impl RequestCtx {
+    /// The matched resource.
+    pub fn resource(&self) -> Option<&Arc<Resource>> {
+        self.site.as_ref().map(|s| &s.resource)
+    }
 }
 
 impl EdgeProxy {
-    /// A proxy serving the resources of `resources`.
-    pub fn new(resources: Resources) -> EdgeProxy {
-        Self::with_stats(resources, Arc::default())
-    }
-
-    /// A proxy that counts into `stats` (shared with an admin listener, say).
-    pub fn with_stats(resources: Resources, stats: Arc<EdgeStats>) -> EdgeProxy {
+    /// A proxy serving `resources` (built with [`crate::resources`] over the same `stats`),
+    /// counting into `stats`, with per-chunk metrics and access lines to stdout.
+    pub fn new(resources: Resources, stats: Arc<EdgeStats>) -> EdgeProxy {
         EdgeProxy {
             resources,
             stats,
+            log: Arc::new(AccessLog::Stdout),
+            metrics: true,
             connector: Connector::new(None),
         }
+    }
+
+    /// Sends access lines to `log` instead of stdout.
+    pub fn with_access_log(mut self, log: AccessLog) -> EdgeProxy {
+        self.log = Arc::new(log);
+        self
+    }
+
+    /// Turns per-chunk metrics (and frame parsing) on or off.
+    pub fn with_metrics(mut self, on: bool) -> EdgeProxy {
+        self.metrics = on;
+        self
+    }
+
+    /// The table the proxy serves from; store a new [`Router`] in it to reload.
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// The counters this proxy keeps.
@@ -61,9 +91,69 @@ impl EdgeProxy {
         &self.stats
     }
 
-    /// The table the proxy serves from; store a new [`Router`] in it to reload.
-    pub fn resources(&self) -> &Resources {
-        &self.resources
+    /// Opens the tunnel of an upgrade the gate allowed, and answers for the origin when it
+    /// fails.
+    async fn tunnel(
+        &self,
+        session: &mut Session,
+        site: &Arc<Site>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let res = &site.resource;
+        let mut up_req = session.req_header().clone();
+        origin_request(&mut up_req, res, session)?;
+        let info = TunnelInfo {
+            resource: res.name.clone(),
+            client: session
+                .client_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            host: client_host(session.req_header()).to_string(),
+            path: session
+                .req_header()
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+        };
+        let report = Reporting {
+            edge: self.stats.clone(),
+            site: site.stats.clone(),
+            log: self.log.clone(),
+            metrics: self.metrics,
+        };
+        let tls = client_tls(session);
+        let outcome = tunnel::run(session, res, &self.connector, up_req, tls, info, report).await?;
+        let (outcome_label, answer): (&str, Option<(u16, &'static str)>) = match outcome {
+            Outcome::Unreachable => (
+                "origin_unreachable",
+                Some((502, "The origin could not be reached.\n")),
+            ),
+            Outcome::BadUpgradeAnswer => (
+                "origin_invalid",
+                Some((502, "The origin gave an invalid answer.\n")),
+            ),
+            Outcome::HandshakeTimeout => (
+                "origin_timeout",
+                Some((504, "The origin did not answer in time.\n")),
+            ),
+            Outcome::Refused(status) => {
+                log::info!(
+                    "resource {}: origin refused the upgrade with {status}",
+                    res.name
+                );
+                ("origin_refused", None)
+            }
+            Outcome::Closed(_) => {
+                ctx.tunnel = true;
+                ("ok", None)
+            }
+        };
+        site.stats.handshake(outcome_label);
+        if let Some((status, body)) = answer {
+            respond_text(session, status, body, true, &[]).await?;
+        }
+        Ok(())
     }
 }
 
@@ -151,7 +241,14 @@ impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            site: None,
+            upgrade: false,
+            tunnel: false,
+            server_index: 0,
+            started: Instant::now(),
+            received: SystemTime::now(),
+        }
     }
 
     async fn early_request_filter(
@@ -159,99 +256,36 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.resource = self
+        ctx.site = self
             .resources
             .load()
             .find(client_host(session.req_header()))
             .cloned();
+        ctx.upgrade = handshake::is_upgrade(session.req_header());
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let upgrade = handshake::is_upgrade(session.req_header());
-        let Some(res) = ctx.resource.clone() else {
+        let Some(site) = ctx.site.clone() else {
             // Not an open proxy: an unknown Host never leads anywhere.
-            respond(session, Reject::UnknownHost, upgrade).await?;
+            self.stats.unknown_host(ctx.upgrade);
+            respond(session, Reject::UnknownHost, ctx.upgrade).await?;
             return Ok(true);
         };
-        if !upgrade {
+        if !ctx.upgrade {
             session.set_read_timeout(Some(HTTP_TIMEOUT));
             session.set_write_timeout(Some(HTTP_TIMEOUT));
             return Ok(false);
         }
         let req = session.req_header();
-        let verdict = crate::gate::check(&res, req.uri.path()).and_then(|_| handshake::check(req));
+        let verdict =
+            crate::gate::check(&site.resource, req.uri.path()).and_then(|_| handshake::check(req));
         if let Err(reject) = verdict {
+            site.stats.handshake(reject.outcome());
             respond(session, reject, true).await?;
             return Ok(true);
         }
-
-        let mut up_req = session.req_header().clone();
-        origin_request(&mut up_req, &res, session)?;
-        let host = client_host(session.req_header()).to_string();
-        let tls = client_tls(session);
-        let info = TunnelInfo {
-            resource: res.name.clone(),
-            client: session
-                .client_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            host,
-            path: session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
-        };
-        let outcome = tunnel::run(
-            session,
-            &res,
-            &self.connector,
-            up_req,
-            tls,
-            info,
-            &self.stats,
-        );
-        match outcome.await? {
-            Outcome::Unreachable => {
-                respond_text(
-                    session,
-                    502,
-                    "The origin could not be reached.\n",
-                    true,
-                    &[],
-                )
-                .await?
-            }
-            Outcome::BadUpgradeAnswer => {
-                respond_text(
-                    session,
-                    502,
-                    "The origin gave an invalid answer.\n",
-                    true,
-                    &[],
-                )
-                .await?
-            }
-            Outcome::HandshakeTimeout => {
-                respond_text(
-                    session,
-                    504,
-                    "The origin did not answer in time.\n",
-                    true,
-                    &[],
-                )
-                .await?
-            }
-            Outcome::Refused(status) => {
-                log::info!(
-                    "resource {}: origin refused the upgrade with {status}",
-                    res.name
-                )
-            }
-            Outcome::Closed(_) => {}
-        }
+        self.tunnel(session, &site, ctx).await?;
         Ok(true)
     }
 
@@ -261,8 +295,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let res = ctx
-            .resource
-            .as_ref()
+            .resource()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no resource in context"))?;
         let server = res.origin.servers[ctx.server_index % res.origin.servers.len()];
         let mut peer = origin::peer(
@@ -284,7 +317,7 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Try the next server of the group, once each.
-        let servers = ctx.resource.as_ref().map_or(0, |r| r.origin.servers.len());
+        let servers = ctx.resource().map_or(0, |r| r.origin.servers.len());
         ctx.server_index += 1;
         if ctx.server_index < servers {
             e.set_retry(true);
@@ -298,9 +331,41 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(res) = &ctx.resource {
+        if let Some(res) = ctx.resource() {
             origin_request(upstream_request, res, session)?;
         }
         Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let Some(site) = &ctx.site else {
+            return; // counted as unknown_host already
+        };
+        site.stats.response(status);
+        // A tunnel logs itself when it closes (also at shutdown, when this is not called).
+        if ctx.tunnel || !self.log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let line = JsonLine::new(ctx.received)
+            .str("kind", "http")
+            .str("resource", &site.resource.name)
+            .str(
+                "client",
+                &session
+                    .client_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            )
+            .str("host", client_host(req))
+            .str("method", req.method.as_str())
+            .str("path", req.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .num("status", status)
+            .num("bytes_client_to_origin", session.body_bytes_read())
+            .num("bytes_origin_to_client", session.body_bytes_sent())
+            .num("duration_ms", ctx.started.elapsed().as_millis())
+            .finish();
+        self.log.write(&line);
     }
 }

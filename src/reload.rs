@@ -50,7 +50,8 @@ impl Reloader {
             Ok(new) => {
                 // Lock poisoning would mean a panic while swapping; the data is still whole.
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-                self.resources.store(Arc::new(Router::new(&new)));
+                self.resources
+                    .store(Arc::new(Router::new(&new, &self.stats)));
                 let mut message = format!(
                     "reloaded {}: {} resources",
                     self.path.display(),

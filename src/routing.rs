@@ -2,34 +2,49 @@
 //! case and port are ignored. The table is immutable: a reload builds a new one.
 
 use crate::config::{Config, Resource};
+use crate::stats::{EdgeStats, ResourceStats};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// A resource with its counters: what a request is matched to.
+#[derive(Debug)]
+pub struct Site {
+    /// The resource's settings, as loaded (a request keeps these for its whole life).
+    pub resource: Arc<Resource>,
+    /// Its counters, which outlive reloads.
+    pub stats: Arc<ResourceStats>,
+}
 
 /// The lookup table built from a [`Config`].
 #[derive(Debug, Default)]
 pub struct Router {
-    exact: HashMap<String, Arc<Resource>>,
+    exact: HashMap<String, Arc<Site>>,
     /// Keyed by the part after `*.`.
-    wildcard: HashMap<String, Arc<Resource>>,
+    wildcard: HashMap<String, Arc<Site>>,
 }
 
 impl Router {
     /// Builds the table; hostnames are unique across resources (validation checks it).
-    pub fn new(config: &Config) -> Router {
+    /// Each resource gets its counters from `stats`.
+    pub fn new(config: &Config, stats: &EdgeStats) -> Router {
         let mut router = Router::default();
         for r in &config.resources {
+            let site = Arc::new(Site {
+                resource: r.clone(),
+                stats: stats.resource(&r.name),
+            });
             for h in &r.hostnames {
                 match h.strip_prefix("*.") {
-                    Some(suffix) => router.wildcard.insert(suffix.to_string(), r.clone()),
-                    None => router.exact.insert(h.clone(), r.clone()),
+                    Some(suffix) => router.wildcard.insert(suffix.to_string(), site.clone()),
+                    None => router.exact.insert(h.clone(), site.clone()),
                 };
             }
         }
         router
     }
 
-    /// The resource serving `host` (a Host header or :authority value), if any.
-    pub fn find(&self, host: &str) -> Option<&Arc<Resource>> {
+    /// The site serving `host` (a Host header or :authority value), if any.
+    pub fn find(&self, host: &str) -> Option<&Arc<Site>> {
         let name = strip_port(host).trim_end_matches('.');
         // Host names are short; lower-casing on the stack is not worth the code, and most
         // clients send lower case already, so only allocate when needed.
@@ -77,16 +92,22 @@ resources:
     hostnames: ["*.example.com", "*.chat.example.com"]
     origin: { servers: [{ address: "127.0.0.1:2" }] }
 "#;
-        Router::new(&Config::from_yaml("t.yaml", yaml).unwrap())
+        Router::new(
+            &Config::from_yaml("t.yaml", yaml).unwrap(),
+            &EdgeStats::default(),
+        )
     }
 
     #[test]
     fn exact_beats_wildcard_case_and_port_ignored() {
         let r = router();
-        assert_eq!(r.find("chat.example.com").unwrap().name, "exact");
-        assert_eq!(r.find("CHAT.Example.COM:8080").unwrap().name, "exact");
-        assert_eq!(r.find("news.example.com").unwrap().name, "wild");
-        assert_eq!(r.find("eu.chat.example.com").unwrap().name, "wild");
+        assert_eq!(r.find("chat.example.com").unwrap().resource.name, "exact");
+        assert_eq!(
+            r.find("CHAT.Example.COM:8080").unwrap().resource.name,
+            "exact"
+        );
+        assert_eq!(r.find("news.example.com").unwrap().resource.name, "wild");
+        assert_eq!(r.find("eu.chat.example.com").unwrap().resource.name, "wild");
     }
 
     #[test]

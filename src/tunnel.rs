@@ -9,16 +9,17 @@
 //! loop owns both sessions: there is no end-of-body message to misorder, the idle timer
 //! covers both directions (the heartbeat interval), and the close reason is known exactly.
 
-use crate::access_log;
+use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
+use crate::frames::FrameReader;
 use crate::origin;
-use crate::stats::EdgeStats;
+use crate::stats::{EdgeStats, ResourceStats};
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as OriginSession;
 use pingora::proxy::Session;
-use std::fmt::Write as _;
+use prometheus::IntCounter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -90,32 +91,100 @@ pub struct TunnelInfo {
     pub path: String,
 }
 
+/// Where a tunnel reports: the process-wide and the resource's counters, the access log,
+/// and whether per-chunk metrics are on.
+#[derive(Clone)]
+pub struct Reporting {
+    /// Process-wide counters.
+    pub edge: Arc<EdgeStats>,
+    /// The resource's counters.
+    pub site: Arc<ResourceStats>,
+    /// The access log.
+    pub log: Arc<AccessLog>,
+    /// Count bytes and messages into metrics as they pass (and parse frame headers).
+    pub metrics: bool,
+}
+
+/// One direction's accounting.
+#[derive(Default)]
+struct Direction {
+    bytes: u64,
+    messages: u64,
+    frames: FrameReader,
+    /// When this direction's first Close frame passed, if one did.
+    close_at: Option<Instant>,
+}
+
+impl Direction {
+    /// Accounts for a chunk; per chunk this is two additions and, with metrics on, a walk
+    /// over the frame headers in it and two atomic adds.
+    fn pass(&mut self, chunk: &[u8], metrics: bool, bytes: &IntCounter, messages: &IntCounter) {
+        self.bytes += chunk.len() as u64;
+        if metrics {
+            let seen = self.frames.feed(chunk);
+            self.messages += u64::from(seen.messages);
+            if seen.close && self.close_at.is_none() {
+                self.close_at = Some(Instant::now());
+            }
+            bytes.inc_by(chunk.len() as u64);
+            if seen.messages > 0 {
+                messages.inc_by(u64::from(seen.messages));
+            }
+        }
+    }
+}
+
 /// An open tunnel's accounting. Its `Drop` records the close, so a tunnel is counted and
 /// logged however it ends, including when the runtime is dropped at shutdown with the
 /// tunnel still open (then the reason is `shutdown`).
 struct TunnelGuard {
     info: TunnelInfo,
-    stats: Arc<EdgeStats>,
+    report: Reporting,
     server: SocketAddr,
     opened_at: SystemTime,
     started: Instant,
-    client_to_origin: u64,
-    origin_to_client: u64,
+    c2o: Direction,
+    o2c: Direction,
     reason: Option<CloseReason>,
 }
 
 impl TunnelGuard {
-    fn new(info: TunnelInfo, stats: Arc<EdgeStats>, server: SocketAddr) -> TunnelGuard {
-        stats.tunnel_opened();
+    fn new(info: TunnelInfo, report: Reporting, server: SocketAddr) -> TunnelGuard {
+        report.edge.tunnel_opened();
+        report.site.tunnel_opened();
         TunnelGuard {
             info,
-            stats,
+            report,
             server,
             opened_at: SystemTime::now(),
             started: Instant::now(),
-            client_to_origin: 0,
-            origin_to_client: 0,
+            c2o: Direction::default(),
+            o2c: Direction::default(),
             reason: None,
+        }
+    }
+
+    /// "Closed by" is who sent the first Close frame (RFC 6455 §7.1.1: after a client's
+    /// Close it is the origin that ends TCP); without Close frames, who ended TCP.
+    fn close_reason(&self, transport: CloseReason) -> CloseReason {
+        if matches!(transport, CloseReason::IdleTimeout | CloseReason::Shutdown) {
+            return transport;
+        }
+        match (self.c2o.close_at, self.o2c.close_at) {
+            (Some(c), Some(o)) if o < c => CloseReason::OriginClosed,
+            (Some(_), _) => CloseReason::ClientClosed,
+            (None, Some(_)) => CloseReason::OriginClosed,
+            (None, None) => transport,
+        }
+    }
+
+    /// The close code of the first Close frame, whichever side sent it.
+    fn close_code(&self) -> Option<u16> {
+        match (self.c2o.close_at, self.o2c.close_at) {
+            (Some(c), Some(o)) if o < c => self.o2c.frames.close_code,
+            (Some(_), _) => self.c2o.frames.close_code,
+            (None, Some(_)) => self.o2c.frames.close_code,
+            (None, None) => None,
         }
     }
 }
@@ -123,28 +192,34 @@ impl TunnelGuard {
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
         let reason = self.reason.unwrap_or(CloseReason::Shutdown);
-        self.stats.tunnel_closed(reason);
-        let mut line = String::with_capacity(256);
-        line.push_str("{\"time\":");
-        access_log::json_str(&mut line, &access_log::rfc3339(self.opened_at));
-        line.push_str(",\"kind\":\"tunnel\",\"resource\":");
-        access_log::json_str(&mut line, &self.info.resource);
-        line.push_str(",\"client\":");
-        access_log::json_str(&mut line, &self.info.client);
-        line.push_str(",\"host\":");
-        access_log::json_str(&mut line, &self.info.host);
-        line.push_str(",\"path\":");
-        access_log::json_str(&mut line, &self.info.path);
-        let _ = write!(
-            line,
-            ",\"status\":101,\"bytes_client_to_origin\":{},\"bytes_origin_to_client\":{},\"duration_ms\":{},\"close_reason\":\"{}\",\"origin\":\"{}\"}}",
-            self.client_to_origin,
-            self.origin_to_client,
-            self.started.elapsed().as_millis(),
-            reason.as_str(),
-            self.server
-        );
-        access_log::write_line(&line);
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.report.edge.tunnel_closed();
+        self.report.site.tunnel_closed(reason, seconds);
+        if !self.report.metrics {
+            // Bytes were not added chunk by chunk: add them now.
+            self.report.site.bytes_c2o.inc_by(self.c2o.bytes);
+            self.report.site.bytes_o2c.inc_by(self.o2c.bytes);
+        }
+        if !self.report.log.enabled() {
+            return;
+        }
+        let line = JsonLine::new(self.opened_at)
+            .str("kind", "tunnel")
+            .str("resource", &self.info.resource)
+            .str("client", &self.info.client)
+            .str("host", &self.info.host)
+            .str("path", &self.info.path)
+            .num("status", 101)
+            .num("bytes_client_to_origin", self.c2o.bytes)
+            .num("bytes_origin_to_client", self.o2c.bytes)
+            .num("messages_client_to_origin", self.c2o.messages)
+            .num("messages_origin_to_client", self.o2c.messages)
+            .num("duration_ms", self.started.elapsed().as_millis())
+            .str("close_reason", reason.as_str())
+            .opt("close_code", self.close_code())
+            .str("origin", &self.server.to_string())
+            .finish();
+        self.report.log.write(&line);
     }
 }
 
@@ -157,7 +232,7 @@ pub async fn run(
     req: RequestHeader,
     client_tls: bool,
     info: TunnelInfo,
-    stats: &Arc<EdgeStats>,
+    report: Reporting,
 ) -> pingora::Result<Outcome> {
     // Try the servers of the group in order; a server that refuses or cannot be reached
     // costs no more than its connect attempt.
@@ -216,8 +291,9 @@ pub async fn run(
     }
 
     session.write_response_header(resp, false).await?;
-    let mut guard = TunnelGuard::new(info, stats.clone(), server);
-    let reason = relay(session, &mut up, res.websocket.idle_timeout, &mut guard).await;
+    let mut guard = TunnelGuard::new(info, report, server);
+    let transport = relay(session, &mut up, res.websocket.idle_timeout, &mut guard).await;
+    let reason = guard.close_reason(transport);
     guard.reason = Some(reason);
     Ok(Outcome::Closed(reason))
 }
@@ -262,11 +338,13 @@ async fn relay(
 
     let mut deadline = tokio::time::Instant::now() + idle;
     let mut client_open = true;
+    let site = guard.report.site.clone();
+    let metrics = guard.report.metrics;
     let reason = loop {
         tokio::select! {
             r = session.downstream_session.read_request_body(), if client_open => match r {
                 Ok(Some(b)) => {
-                    guard.client_to_origin += b.len() as u64;
+                    guard.c2o.pass(&b, metrics, &site.bytes_c2o, &site.messages_c2o);
                     deadline = tokio::time::Instant::now() + idle;
                     if up.write_body(&b).await.is_err() {
                         break CloseReason::Error;
@@ -278,11 +356,11 @@ async fn relay(
                     client_open = false;
                     up.shutdown().await;
                 }
-                Err(_) => break CloseReason::ClientClosed,
+                Err(_) => break CloseReason::Error,
             },
             r = up.read_body_bytes() => match r {
                 Ok(Some(b)) => {
-                    guard.origin_to_client += b.len() as u64;
+                    guard.o2c.pass(&b, metrics, &site.bytes_o2c, &site.messages_o2c);
                     deadline = tokio::time::Instant::now() + idle;
                     if session.downstream_session.write_response_body(b, false).await.is_err() {
                         break CloseReason::Error;

@@ -170,7 +170,7 @@ resources:
         "no internal error text in the body: {answer}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let log = edge.log_text();
+    let log = edge.wait_log(&[&a.to_string(), &b.to_string()]);
     assert!(
         log.contains(&a.to_string()) && log.contains(&b.to_string()),
         "both servers tried:\n{log}"

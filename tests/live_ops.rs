@@ -154,7 +154,10 @@ async fn thousand_tunnels_survive_fifty_reloads_and_new_handshakes_see_each_conf
         metrics.contains("wsedge_config_reloads_total{result=\"failed\"} 16"),
         "{metrics}"
     );
-    assert!(metrics.contains("wsedge_ws_tunnels_open 1000"), "{metrics}");
+    assert!(
+        metrics.contains("wsedge_ws_tunnels_open{resource=\"live\"} 1000"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -179,7 +182,8 @@ async fn invalid_reload_keeps_the_old_config_and_healthz_says_where() {
         "{health}"
     );
     assert!(
-        edge.log_text().contains("unknown field `surprise_key`"),
+        edge.wait_log(&["unknown field `surprise_key`"])
+            .contains("unknown field `surprise_key`"),
         "logged too"
     );
     assert_eq!(handshake_status(&edge, "v1.localhost", "/ws").await, 101);
@@ -248,7 +252,7 @@ async fn sigterm_stops_new_connections_lets_tunnels_finish_and_records_shutdown(
         edge.wait_exit(Duration::from_secs(10)),
         "wsedge did not exit"
     );
-    let lines = edge.access_lines();
+    let lines = edge.wait_access(2, |l| l.contains("close_reason"));
     let reasons: Vec<&str> = lines
         .iter()
         .filter_map(|l| l.split("\"close_reason\":\"").nth(1)?.split('"').next())

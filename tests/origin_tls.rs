@@ -100,7 +100,7 @@ resources:
             other => panic!("{host}: want 502, got {other:?}"),
         }
     }
-    let log = edge.log_text();
+    let log = edge.wait_log(&["cert"]);
     assert!(
         log.to_lowercase().contains("cert"),
         "the log says why the origin was refused:\n{log}"

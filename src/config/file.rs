@@ -19,6 +19,12 @@ pub struct FileConfig {
     /// The admin listener (/healthz, /reload, /metrics).
     #[serde(default)]
     pub admin: Option<Addr>,
+    /// Per-chunk metrics and frame parsing; off saves their cost.
+    #[serde(default)]
+    pub metrics: Option<bool>,
+    /// `stdout`, `off`, or a file path.
+    #[serde(default)]
+    pub access_log: Option<String>,
     #[serde(default)]
     pub defaults: DefaultsFile,
     pub resources: Vec<ResourceFile>,

@@ -33,8 +33,24 @@ pub struct Config {
     pub listen: Listen,
     /// The admin listener's address.
     pub admin: SocketAddr,
+    /// Whether tunnels count bytes and messages into metrics as they pass (frame parsing
+    /// included); access-log lines and close reasons are kept either way.
+    pub metrics: bool,
+    /// Where access-log lines go.
+    pub access_log: AccessLogTarget,
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// Standard output (the default; containers collect it).
+    Stdout,
+    /// Nowhere.
+    Off,
+    /// Appended to this file.
+    File(PathBuf),
 }
 
 /// Where the edge listens.

@@ -254,6 +254,12 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
         source: path.to_path_buf(),
         pingora_yaml,
         admin: f.admin.as_ref().map_or(super::DEFAULT_ADMIN, |a| a.0),
+        metrics: f.metrics.unwrap_or(true),
+        access_log: match f.access_log.as_deref() {
+            None | Some("stdout") => super::AccessLogTarget::Stdout,
+            Some("off") => super::AccessLogTarget::Off,
+            Some(p) => super::AccessLogTarget::File(relative_to(base, p)),
+        },
         listen: Listen {
             http: f.listen.http.iter().map(|a| a.0).collect(),
         },

@@ -174,6 +174,30 @@ impl Edge {
         (status, body)
     }
 
+    /// Waits (bounded) until the log contains every one of `needles`; returns the log.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        let end = std::time::Instant::now() + STEP;
+        loop {
+            let log = self.log_text();
+            if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > end {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) until `n` access lines satisfy `pred`; returns all lines.
+    pub fn wait_access(&self, n: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let end = std::time::Instant::now() + STEP;
+        loop {
+            let lines = self.access_lines();
+            if lines.iter().filter(|l| pred(l)).count() >= n || std::time::Instant::now() > end {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().clone()
     }
