@@ -376,6 +376,8 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(
             };
             let path = path_holder.lock().unwrap().clone();
             if path == "/close-me" {
+                // Not in the same packet as the 101: tests count bytes after the handshake.
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = ws
                     .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
                         code: 4002.into(),
@@ -497,4 +499,83 @@ where
         .await
         .expect("stream ended")
         .expect("ws error")
+}
+
+/// A TCP stream that counts the bytes it reads and writes, so a test knows exactly what
+/// crossed the edge.
+pub struct Counted {
+    pub inner: TcpStream,
+    pub read: Arc<AtomicUsize>,
+    pub written: Arc<AtomicUsize>,
+}
+
+impl Counted {
+    pub async fn connect(addr: SocketAddr) -> Counted {
+        Counted {
+            inner: within("connect", TcpStream::connect(addr)).await.unwrap(),
+            read: Arc::default(),
+            written: Arc::default(),
+        }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n, Ordering::SeqCst);
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n, Ordering::SeqCst);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A metric's value from Prometheus text, by its full series name with labels.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A JSON field's raw value (number or string without quotes) from a flat JSON line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line.split(&format!("\"{key}\":")).nth(1)?;
+    if let Some(s) = rest.strip_prefix('"') {
+        s.split('"').next()
+    } else {
+        rest.split([',', '}']).next()
+    }
 }
