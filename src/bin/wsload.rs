@@ -1,0 +1,227 @@
+//! wsload: the load generator and echo origin of wsedge's benchmarks (`scripts/bench*`).
+//!
+//! ```text
+//! wsload origin 127.0.0.1:9100                          # WebSocket echo origin, prints its address
+//! wsload echo ws://127.0.0.1:8080/ws --conns 16 --messages 20000 --size 32 --pid 1234
+//! wsload stats-query                                    # /stats rendering time, 366 daily buckets
+//! ```
+//!
+//! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
+//! measured process's own utime+stime in /proc, steadier than wall time on a shared
+//! machine.
+
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Every network wait of the generator is bounded by this.
+const STEP: Duration = Duration::from_secs(30);
+
+fn usage() -> ! {
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--pid PID] | stats-query");
+    std::process::exit(2)
+}
+
+fn flag(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(default)
+}
+
+/// utime + stime of `pid`, in microseconds.
+fn cpu_micros(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1_000_000 / hz)
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    }
+}
+
+async fn origin(addr: &str) {
+    let listener = TcpListener::bind(addr).await.expect("bind the origin");
+    println!("wsload: origin on {}", listener.local_addr().unwrap());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let Ok(mut ws) =
+                tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
+            else {
+                return;
+            };
+            while let Some(Ok(m)) = ws.next().await {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `conns` connections, one message in flight each, until `messages` round trips.
+async fn echo(url: &str, conns: u64, messages: u64, size: u64, pid: Option<u64>) {
+    let mut sockets = Vec::new();
+    for _ in 0..conns {
+        let (ws, _) = tokio::time::timeout(
+            STEP,
+            tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        sockets.push(ws);
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let cpu0 = pid.and_then(cpu_micros);
+    let start = Instant::now();
+    let payload = vec![b'x'; size as usize];
+    let mut tasks = Vec::new();
+    for mut ws in sockets {
+        let (done, payload) = (done.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while done.fetch_add(1, Ordering::Relaxed) < messages as usize {
+                let t = Instant::now();
+                tokio::time::timeout(STEP, ws.send(Message::binary(payload.clone())))
+                    .await
+                    .expect("send in time")
+                    .expect("send");
+                match tokio::time::timeout(STEP, ws.next())
+                    .await
+                    .expect("echo in time")
+                {
+                    Some(Ok(m)) if m.len() == payload.len() => {}
+                    other => panic!("bad echo: {other:?}"),
+                }
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            let _ = ws.close(None).await;
+            lat
+        }));
+    }
+    let progress = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                eprint!(
+                    "\rwsload: {} / {messages} round trips",
+                    done.load(Ordering::Relaxed).min(messages as usize)
+                );
+            }
+        })
+    };
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("a client task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(cpu_micros);
+    progress.abort();
+    eprintln!();
+    lat.sort_unstable();
+    let n = lat.len() as f64;
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => format!("{:.2}", (b - a) as f64 / n),
+        _ => "null".into(),
+    };
+    println!(
+        "{{\"round_trips\":{},\"seconds\":{secs:.3},\"round_trips_per_s\":{:.0},\"mb_per_s_each_way\":{:.1},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"cpu_us_per_round_trip\":{cpu}}}",
+        lat.len(),
+        n / secs,
+        n * size as f64 / secs / 1e6,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0),
+    );
+}
+
+/// Time to answer `/stats` for 366 daily buckets, rendering included, in-process.
+fn stats_query() {
+    use wsedge::stats::EdgeStats;
+    let stats = EdgeStats::default();
+    let r = stats.resource("chat");
+    let day0 = 1_764_547_200; // 2025-12-01
+    for h in 0..400 * 24u64 {
+        r.bytes_c2o.inc_by(1000);
+        r.bytes_o2c.inc_by(2000);
+        r.response(101);
+        r.response(200);
+        stats.tick(std::time::UNIX_EPOCH + Duration::from_secs(day0 + h * 3600));
+    }
+    let q = "resource=chat&granularity=1d&from=2025-01-01T00:00:00Z&to=2027-12-31T00:00:00Z";
+    let check = wsedge::admin::stats_response(&stats, Some(q));
+    let body = String::from_utf8_lossy(check.body());
+    let buckets = body.matches("\"start\"").count();
+    assert_eq!(buckets, 366, "{body}");
+    let runs = 2000;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let resp = wsedge::admin::stats_response(&stats, Some(q));
+        std::hint::black_box(resp);
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    times.sort_unstable();
+    println!(
+        "{{\"buckets\":{buckets},\"bytes\":{},\"runs\":{runs},\"p50_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1}}}",
+        body.len(),
+        percentile(&times, 0.5) as f64 / 1000.0,
+        percentile(&times, 0.99) as f64 / 1000.0,
+        *times.last().unwrap() as f64 / 1000.0
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match args.first().map(String::as_str) {
+        Some("origin") => rt.block_on(origin(args.get(1).map_or("127.0.0.1:0", String::as_str))),
+        Some("echo") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            let pid = args
+                .iter()
+                .any(|a| a == "--pid")
+                .then(|| flag(&args, "--pid", 0));
+            rt.block_on(echo(
+                url,
+                flag(&args, "--conns", 16),
+                flag(&args, "--messages", 20_000),
+                flag(&args, "--size", 32),
+                pid,
+            ))
+        }
+        Some("stats-query") => stats_query(),
+        _ => usage(),
+    }
+}
