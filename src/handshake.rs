@@ -17,16 +17,26 @@ pub enum Reject {
     PathNotAllowed,
     /// 404: no resource serves the Host.
     UnknownHost,
+    /// 403: the `Origin` is not in `allowed_origins`.
+    OriginNotAllowed,
+    /// 429: the client IP is over `handshake_rate`; retry after this many seconds.
+    RateLimited(u64),
+    /// 503: the resource has `max_connections` tunnels open.
+    OverCapacity,
+    /// 400: `Content-Length` with `Transfer-Encoding`, or disagreeing lengths.
+    AmbiguousFraming,
 }
 
 impl Reject {
     /// The HTTP status of the answer.
     pub fn status(self) -> u16 {
         match self {
-            Reject::Malformed(_) => 400,
+            Reject::Malformed(_) | Reject::AmbiguousFraming => 400,
             Reject::UnsupportedVersion => 426,
-            Reject::WebSocketDisabled | Reject::PathNotAllowed => 403,
+            Reject::WebSocketDisabled | Reject::PathNotAllowed | Reject::OriginNotAllowed => 403,
             Reject::UnknownHost => 404,
+            Reject::RateLimited(_) => 429,
+            Reject::OverCapacity => 503,
         }
     }
 
@@ -40,6 +50,16 @@ impl Reject {
             Reject::WebSocketDisabled => "WebSocket is not enabled for this site.\n",
             Reject::PathNotAllowed => "WebSocket is not allowed on this path.\n",
             Reject::UnknownHost => "No site is configured for this host name.\n",
+            Reject::AmbiguousFraming => {
+                "The request has conflicting Content-Length and Transfer-Encoding.\n"
+            }
+            Reject::OriginNotAllowed => "WebSocket connections from this origin are not allowed.\n",
+            Reject::RateLimited(_) => {
+                "Too many WebSocket connections from this address; retry later.\n"
+            }
+            Reject::OverCapacity => {
+                "This site has too many open WebSocket connections; retry later.\n"
+            }
         }
     }
 
@@ -51,6 +71,10 @@ impl Reject {
             Reject::WebSocketDisabled => "disabled",
             Reject::PathNotAllowed => "path_not_allowed",
             Reject::UnknownHost => "unknown_host",
+            Reject::OriginNotAllowed => "origin_not_allowed",
+            Reject::AmbiguousFraming => "malformed",
+            Reject::RateLimited(_) => "rate_limited",
+            Reject::OverCapacity => "over_capacity",
         }
     }
 }
@@ -110,6 +134,22 @@ pub fn check(req: &RequestHeader) -> Result<(), Reject> {
         // §4.2.2: a version the server does not speak gets 426 and the versions it does.
         _ => Err(Reject::UnsupportedVersion),
     }
+}
+
+/// Whether a request's body framing is ambiguous: both `Content-Length` and
+/// `Transfer-Encoding` (RFC 9112 §6.1 allows a server to reject it, and a proxy must not
+/// forward it as is: the origin might frame it differently, which is request smuggling),
+/// or `Content-Length` values that disagree.
+pub fn ambiguous_framing(req: &RequestHeader) -> bool {
+    let h = &req.headers;
+    let mut lengths = h
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|v| v.trim_ascii());
+    let first = lengths.next();
+    (first.is_some() && h.contains_key(header::TRANSFER_ENCODING))
+        || first.is_some_and(|f| lengths.any(|v| v != f))
 }
 
 /// Whether a comma-separated header (all its lines) holds `token`, case-insensitively.
@@ -198,6 +238,22 @@ mod tests {
             .append_header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
             .unwrap();
         assert_eq!(check(&two_keys).map_err(Reject::status), Err(400));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_spotted() {
+        let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+        assert!(!ambiguous_framing(&r));
+        r.append_header("Content-Length", "5").unwrap();
+        assert!(!ambiguous_framing(&r));
+        r.append_header("Content-Length", "5").unwrap();
+        assert!(!ambiguous_framing(&r), "repeated equal lengths are fine");
+        r.append_header("Content-Length", "6").unwrap();
+        assert!(ambiguous_framing(&r));
+        let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+        r.append_header("Content-Length", "5").unwrap();
+        r.append_header("Transfer-Encoding", "chunked").unwrap();
+        assert!(ambiguous_framing(&r));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub mod demo;
 pub mod frames;
 pub mod gate;
 pub mod handshake;
+pub mod limits;
+pub mod listener;
 pub mod listening;
 pub mod origin;
 pub mod proxy;
@@ -149,8 +151,11 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let proxy = EdgeProxy::new(table.clone(), stats.clone())
         .with_access_log(access_log)
         .with_metrics(config.metrics);
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "wsedge");
+    let app = listener::HeaderGuard::new(
+        pingora::proxy::http_proxy(&server.configuration, proxy),
+        config.client,
+    );
+    let mut service = pingora::services::listening::Service::new("wsedge".to_string(), app);
     for addr in &config.listen.http {
         service.add_tcp(&addr.to_string());
     }

@@ -4,6 +4,7 @@
 use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::handshake::{self, Reject};
+use crate::limits::Slot;
 use crate::origin;
 use crate::routing::{Router, Site};
 use crate::stats::EdgeStats;
@@ -98,6 +99,7 @@ impl EdgeProxy {
         session: &mut Session,
         site: &Arc<Site>,
         ctx: &mut RequestCtx,
+        slot: Slot,
     ) -> Result<()> {
         let res = &site.resource;
         let mut up_req = session.req_header().clone();
@@ -117,6 +119,7 @@ impl EdgeProxy {
                 .to_string(),
         };
         let report = Reporting {
+            slot,
             edge: self.stats.clone(),
             site: site.stats.clone(),
             log: self.log.clone(),
@@ -175,11 +178,17 @@ fn client_tls(session: &Session) -> bool {
 
 /// Writes a short plain-text answer of the edge's own for a rejected request.
 async fn respond(session: &mut Session, reject: Reject, upgrade: bool) -> Result<()> {
-    // RFC 6455 §4.2.2: a version mismatch tells the client which version to use.
-    let extra: &[(&str, &str)] = if reject == Reject::UnsupportedVersion {
-        &[("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")]
-    } else {
-        &[]
+    let retry;
+    let extra: &[(&str, &str)] = match reject {
+        // RFC 6455 §4.2.2: a version mismatch tells the client which version to use.
+        Reject::UnsupportedVersion => &[("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")],
+        Reject::RateLimited(secs) => {
+            retry = secs.max(1).to_string();
+            &[("Retry-After", retry.as_str())]
+        }
+        // Tunnels end at their own pace; a few seconds spreads the retries out.
+        Reject::OverCapacity => &[("Retry-After", "5")],
+        _ => &[],
     };
     // A client that asked to leave HTTP on this connection does not keep it for more.
     respond_text(session, reject.status(), reject.body(), upgrade, extra).await
@@ -272,20 +281,50 @@ impl ProxyHttp for EdgeProxy {
             respond(session, Reject::UnknownHost, ctx.upgrade).await?;
             return Ok(true);
         };
+        if handshake::ambiguous_framing(session.req_header()) {
+            if ctx.upgrade {
+                site.stats.handshake(Reject::AmbiguousFraming.outcome());
+            }
+            respond(session, Reject::AmbiguousFraming, true).await?;
+            return Ok(true);
+        }
         if !ctx.upgrade {
             session.set_read_timeout(Some(HTTP_TIMEOUT));
             session.set_write_timeout(Some(HTTP_TIMEOUT));
             return Ok(false);
         }
         let req = session.req_header();
-        let verdict =
-            crate::gate::check(&site.resource, req.uri.path()).and_then(|_| handshake::check(req));
-        if let Err(reject) = verdict {
-            site.stats.handshake(reject.outcome());
-            respond(session, reject, true).await?;
-            return Ok(true);
-        }
-        self.tunnel(session, &site, ctx).await?;
+        let res = &site.resource;
+        let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let verdict = crate::gate::check(res, req.uri.path())
+            .and_then(|_| handshake::check(req))
+            .and_then(|_| crate::gate::check_origin(res, origin))
+            .and_then(|_| match (res.websocket.handshake_rate, ip) {
+                (Some(rate), Some(ip)) => site
+                    .stats
+                    .limits
+                    .rates()
+                    .try_take(ip, rate)
+                    .map_err(|wait| Reject::RateLimited(wait.as_secs_f64().ceil() as u64)),
+                _ => Ok(()),
+            })
+            .and_then(|_| {
+                Slot::reserve(&site.stats.limits, res.websocket.max_connections)
+                    .ok_or(Reject::OverCapacity)
+            });
+        let slot = match verdict {
+            Ok(slot) => slot,
+            Err(reject) => {
+                site.stats.handshake(reject.outcome());
+                respond(session, reject, true).await?;
+                return Ok(true);
+            }
+        };
+        self.tunnel(session, &site, ctx, slot).await?;
         Ok(true)
     }
 

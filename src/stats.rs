@@ -125,6 +125,8 @@ pub struct ResourceStats {
     opened: AtomicU64,
     codes: [AtomicU64; CODE_SLOTS],
     windows: Mutex<Windows>,
+    /// Slots and rate buckets, which like the counters outlive reloads.
+    pub limits: Arc<crate::limits::ResourceLimits>,
 }
 
 impl ResourceStats {
@@ -212,6 +214,7 @@ impl EdgeStats {
                     opened: AtomicU64::new(0),
                     codes: Default::default(),
                     windows: Mutex::default(),
+                    limits: Arc::default(),
                 })
             })
             .clone()

@@ -12,6 +12,7 @@
 use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::frames::FrameReader;
+use crate::limits::Slot;
 use crate::origin;
 use crate::stats::{EdgeStats, ResourceStats};
 use bytes::Bytes;
@@ -39,16 +40,19 @@ pub enum CloseReason {
     Error,
     /// The process shut down (or the task was dropped) with the tunnel still open.
     Shutdown,
+    /// The tunnel reached the resource's `max_lifetime`.
+    MaxLifetime,
 }
 
 impl CloseReason {
     /// Every reason, in the order of their discriminants.
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 6] = [
         CloseReason::ClientClosed,
         CloseReason::OriginClosed,
         CloseReason::IdleTimeout,
         CloseReason::Error,
         CloseReason::Shutdown,
+        CloseReason::MaxLifetime,
     ];
 
     /// The label in metrics and logs.
@@ -59,6 +63,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Error => "error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::MaxLifetime => "max_lifetime",
         }
     }
 }
@@ -93,8 +98,9 @@ pub struct TunnelInfo {
 
 /// Where a tunnel reports: the process-wide and the resource's counters, the access log,
 /// and whether per-chunk metrics are on.
-#[derive(Clone)]
 pub struct Reporting {
+    /// The resource's tunnel slot (`max_connections`), freed when the tunnel ends.
+    pub slot: Slot,
     /// Process-wide counters.
     pub edge: Arc<EdgeStats>,
     /// The resource's counters.
@@ -167,7 +173,10 @@ impl TunnelGuard {
     /// "Closed by" is who sent the first Close frame (RFC 6455 §7.1.1: after a client's
     /// Close it is the origin that ends TCP); without Close frames, who ended TCP.
     fn close_reason(&self, transport: CloseReason) -> CloseReason {
-        if matches!(transport, CloseReason::IdleTimeout | CloseReason::Shutdown) {
+        if matches!(
+            transport,
+            CloseReason::IdleTimeout | CloseReason::Shutdown | CloseReason::MaxLifetime
+        ) {
             return transport;
         }
         match (self.c2o.close_at, self.o2c.close_at) {
@@ -292,7 +301,7 @@ pub async fn run(
 
     session.write_response_header(resp, false).await?;
     let mut guard = TunnelGuard::new(info, report, server);
-    let transport = relay(session, &mut up, res.websocket.idle_timeout, &mut guard).await;
+    let transport = relay(session, &mut up, &res.websocket, &mut guard).await;
     let reason = guard.close_reason(transport);
     guard.reason = Some(reason);
     Ok(Outcome::Closed(reason))
@@ -324,9 +333,14 @@ async fn pass_answer(
 async fn relay(
     session: &mut Session,
     up: &mut OriginSession,
-    idle: Duration,
+    ws: &crate::config::WebSocket,
     guard: &mut TunnelGuard,
 ) -> CloseReason {
+    let idle = ws.idle_timeout;
+    // Far enough to never fire when no lifetime is set (tokio caps deadlines anyway).
+    let lifetime_end = tokio::time::Instant::now()
+        + ws.max_lifetime
+            .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
     // Our idle timer replaces the per-side read timeouts: a tunnel where only one side
     // talks is not idle. Writes keep a timeout so a peer that stops reading cannot pin
     // the tunnel forever.
@@ -372,6 +386,7 @@ async fn relay(
                 Err(_) => break CloseReason::ClientClosed,
             },
             _ = sleep_until(deadline) => break CloseReason::IdleTimeout,
+            _ = sleep_until(lifetime_end) => break CloseReason::MaxLifetime,
         }
     };
     let _ = session

@@ -165,3 +165,29 @@ fn unreadable_file_is_an_error_not_a_panic() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/wsedge.yaml: cannot read"));
 }
+
+#[test]
+fn bad_origin_and_bad_rate() {
+    let yaml = GOOD.replace(
+        "      idle_timeout: 60s",
+        "      idle_timeout: 60s\n      allowed_origins: [\"chat.example.com\"]",
+    );
+    assert_error(
+        &yaml,
+        11,
+        "resources[0].websocket.allowed_origins",
+        Some("chat"),
+        "write an exact origin like https://",
+    );
+    let yaml = GOOD.replace(
+        "      idle_timeout: 60s",
+        "      idle_timeout: 60s\n      handshake_rate: { rate: 20 per second }",
+    );
+    assert_error(
+        &yaml,
+        11,
+        "resources[0].websocket.handshake_rate",
+        Some("chat"),
+        "like 20/s or 600/m",
+    );
+}

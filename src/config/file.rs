@@ -25,6 +25,9 @@ pub struct FileConfig {
     /// `stdout`, `off`, or a file path.
     #[serde(default)]
     pub access_log: Option<String>,
+    /// Limits on client requests.
+    #[serde(default)]
+    pub client: ClientFile,
     #[serde(default)]
     pub defaults: DefaultsFile,
     pub resources: Vec<ResourceFile>,
@@ -119,6 +122,26 @@ pub struct WebSocketFile {
     pub idle_timeout: Option<DurationStr>,
     pub handshake_timeout: Option<DurationStr>,
     pub paths: Option<Vec<PathPrefix>>,
+    pub allowed_origins: Option<Vec<OriginName>>,
+    pub max_connections: Option<u32>,
+    pub handshake_rate: Option<RateFile>,
+    pub max_lifetime: Option<DurationStr>,
+}
+
+/// `handshake_rate: { rate: 20/s, burst: 40 }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateFile {
+    pub rate: PerSecond,
+    pub burst: Option<u32>,
+}
+
+/// Limits on what clients send before a request is known.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub header_timeout: Option<DurationStr>,
+    pub max_header_bytes: Option<usize>,
 }
 
 fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerFile>, D::Error> {
@@ -136,7 +159,7 @@ fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerFile>, D::Erro
 macro_rules! parsed_string {
     ($(#[$doc:meta])* $name:ident($inner:ty) = $parse:path) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[derive(Debug, Clone, PartialEq)]
         pub struct $name(pub $inner);
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -167,6 +190,51 @@ parsed_string!(
     /// A path prefix starting with `/`.
     PathPrefix(String) = parse_path
 );
+parsed_string!(
+    /// An exact origin `scheme://host[:port]`, lower-cased, or `none`.
+    OriginName(String) = parse_origin
+);
+parsed_string!(
+    /// A rate like `20/s` or `600/m`, in events per second.
+    PerSecond(f64) = parse_rate
+);
+
+fn parse_origin(s: &str) -> Result<String, String> {
+    let o = s.to_ascii_lowercase();
+    if o == "none" {
+        return Ok(o);
+    }
+    let help = "write an exact origin like https://chat.example.com or http://localhost:8080 (no path), or \"none\" to allow clients that send no Origin";
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return Err(format!("invalid origin \"{s}\": {help}"));
+    };
+    if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.contains(['/', '?', '#', ' '])
+    {
+        return Err(format!("invalid origin \"{s}\": {help}"));
+    }
+    Ok(o)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let help = "write a count per second or minute, like 20/s or 600/m";
+    let (n, unit) = s
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("invalid rate \"{s}\": {help}"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate \"{s}\": {help}"))?;
+    let per = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        _ => return Err(format!("invalid rate \"{s}\": {help}")),
+    };
+    if n == 0 {
+        return Err(format!("rate \"{s}\" is zero: {help}"));
+    }
+    Ok(f64::from(n) / per)
+}
 
 /// Parses `500ms`, `60s`, `5m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

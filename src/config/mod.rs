@@ -38,6 +38,8 @@ pub struct Config {
     pub metrics: bool,
     /// Where access-log lines go.
     pub access_log: AccessLogTarget,
+    /// Limits on client requests.
+    pub client: ClientLimits,
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
 }
@@ -107,7 +109,39 @@ pub struct WebSocket {
     pub handshake_timeout: Duration,
     /// Path prefixes allowed to upgrade; empty allows every path.
     pub paths: Vec<String>,
+    /// Exact `Origin` values allowed to upgrade (lower case); empty allows any. `none` in
+    /// the list allows requests without an `Origin` header (non-browser clients).
+    pub allowed_origins: Vec<String>,
+    /// Open tunnels of the resource on this edge, at most.
+    pub max_connections: Option<u32>,
+    /// Handshakes per client IP.
+    pub handshake_rate: Option<HandshakeRate>,
+    /// A tunnel older than this is closed.
+    pub max_lifetime: Option<Duration>,
 }
+
+/// A token bucket: `per_second` refill, `burst` capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandshakeRate {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket size: handshakes allowed at once.
+    pub burst: u32,
+}
+
+/// Limits on what clients send before their request is known.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// The whole request header must arrive within this (slowloris).
+    pub header_timeout: Duration,
+    /// A request header larger than this gets 431.
+    pub max_header_bytes: usize,
+}
+
+/// Time a client has to send a complete request header, when not configured.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header accepted, when not configured (like nginx's 4 × 8 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 
 impl Config {
     /// Reads, parses and validates a configuration file.

@@ -255,6 +255,17 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
         pingora_yaml,
         admin: f.admin.as_ref().map_or(super::DEFAULT_ADMIN, |a| a.0),
         metrics: f.metrics.unwrap_or(true),
+        client: super::ClientLimits {
+            header_timeout: f
+                .client
+                .header_timeout
+                .as_ref()
+                .map_or(super::DEFAULT_HEADER_TIMEOUT, |t| t.0),
+            max_header_bytes: f
+                .client
+                .max_header_bytes
+                .unwrap_or(super::DEFAULT_MAX_HEADER_BYTES),
+        },
         access_log: match f.access_log.as_deref() {
             None | Some("stdout") => super::AccessLogTarget::Stdout,
             Some("off") => super::AccessLogTarget::Off,
@@ -317,6 +328,27 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                 .or(d.websocket.paths.as_ref())
                 .map(|p| p.iter().map(|p| p.0.clone()).collect())
                 .unwrap_or_default(),
+            allowed_origins: w
+                .allowed_origins
+                .as_ref()
+                .or(d.websocket.allowed_origins.as_ref())
+                .map(|o| o.iter().map(|o| o.0.clone()).collect())
+                .unwrap_or_default(),
+            max_connections: w.max_connections.or(d.websocket.max_connections),
+            handshake_rate: w
+                .handshake_rate
+                .as_ref()
+                .or(d.websocket.handshake_rate.as_ref())
+                .map(|r| super::HandshakeRate {
+                    per_second: r.rate.0,
+                    // Default burst: one second's worth, at least 1.
+                    burst: r.burst.unwrap_or((r.rate.0.ceil() as u32).max(1)),
+                }),
+            max_lifetime: w
+                .max_lifetime
+                .as_ref()
+                .or(d.websocket.max_lifetime.as_ref())
+                .map(|t| t.0),
         },
     }
 }
