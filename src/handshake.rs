@@ -25,6 +25,8 @@ pub enum Reject {
     OverCapacity,
     /// 400: `Content-Length` with `Transfer-Encoding`, or disagreeing lengths.
     AmbiguousFraming,
+    /// 421: the Host belongs to another resource than the TLS connection's SNI.
+    Misdirected,
 }
 
 impl Reject {
@@ -36,6 +38,7 @@ impl Reject {
             Reject::WebSocketDisabled | Reject::PathNotAllowed | Reject::OriginNotAllowed => 403,
             Reject::UnknownHost => 404,
             Reject::RateLimited(_) => 429,
+            Reject::Misdirected => 421,
             Reject::OverCapacity => 503,
         }
     }
@@ -50,6 +53,9 @@ impl Reject {
             Reject::WebSocketDisabled => "WebSocket is not enabled for this site.\n",
             Reject::PathNotAllowed => "WebSocket is not allowed on this path.\n",
             Reject::UnknownHost => "No site is configured for this host name.\n",
+            Reject::Misdirected => {
+                "This connection was made for another site; connect again for this host name.\n"
+            }
             Reject::AmbiguousFraming => {
                 "The request has conflicting Content-Length and Transfer-Encoding.\n"
             }
@@ -73,6 +79,7 @@ impl Reject {
             Reject::UnknownHost => "unknown_host",
             Reject::OriginNotAllowed => "origin_not_allowed",
             Reject::AmbiguousFraming => "malformed",
+            Reject::Misdirected => "misdirected",
             Reject::RateLimited(_) => "rate_limited",
             Reject::OverCapacity => "over_capacity",
         }

@@ -34,6 +34,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod stats;
+pub mod tls;
 pub mod tunnel;
 
 pub use config::{Config, ConfigError, Resource};
@@ -76,6 +77,9 @@ pub enum RunError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The TLS listeners could not be set up.
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     /// The demo origin could not start.
     #[error("cannot start the demo origin on {addr}: {source}")]
     Demo {
@@ -104,6 +108,9 @@ pub fn resources(config: &Config, stats: &stats::EdgeStats) -> Resources {
 /// Runs wsedge as the command line asked. Returns only for `-t` or on an error.
 pub fn run(opts: Options) -> Result<(), RunError> {
     let mut config = Config::load(&opts.config)?;
+    for w in &config.warnings {
+        eprintln!("wsedge: warning: {w}");
+    }
     if opts.test {
         println!(
             "wsedge: the configuration file {} syntax is ok ({} resources)",
@@ -159,12 +166,27 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     for addr in &config.listen.http {
         service.add_tcp(&addr.to_string());
     }
+    let resolver = Arc::new(tls::SniResolver::new(tls::CertTable::new(&config)));
+    for addr in &config.listen.https {
+        let mut settings =
+            pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(tls::RecordSni))
+                .map_err(|e| RunError::Tls(e.to_string()))?;
+        settings.set_cert_resolver(resolver.clone());
+        // h2 for plain requests; WebSocket upgrades stay on HTTP/1.1 (no RFC 8441), and
+        // browsers open WebSockets on a connection of their own, offering http/1.1.
+        settings.enable_h2();
+        service.add_tls_with_settings(&addr.to_string(), None, settings);
+    }
     server.add_service(service);
 
     let admin_addr = config.admin;
     let stats_for_ticker = stats.clone();
     let mut wanted = config.listen.http.clone();
-    let reloader = Arc::new(reload::Reloader::new(config.clone(), table, stats.clone()));
+    wanted.extend(&config.listen.https);
+    let http_count = config.listen.http.len();
+    let reloader = Arc::new(
+        reload::Reloader::new(config.clone(), table, stats.clone()).with_certificates(resolver),
+    );
     let mut admin = pingora::services::listening::Service::new(
         "wsedge admin".to_string(),
         pingora::apps::http_app::HttpServer::new_app(admin::Admin {
@@ -189,8 +211,9 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         match listening::wait_for(&wanted, &exclude, Duration::from_secs(30)) {
             Some(mut bound) => {
                 let admin = bound.pop();
-                for a in &bound {
-                    println!("wsedge: listening on http://{a}");
+                for (i, a) in bound.iter().enumerate() {
+                    let scheme = if i < http_count { "http" } else { "https" };
+                    println!("wsedge: listening on {scheme}://{a}");
                 }
                 if let Some(a) = admin {
                     println!("wsedge: admin on http://{a}");

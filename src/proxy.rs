@@ -171,6 +171,12 @@ fn client_host(req: &RequestHeader) -> &str {
     crate::routing::strip_port(host)
 }
 
+/// The SNI the client's TLS connection asked for, if any.
+fn sni_of(session: &Session) -> Option<String> {
+    let ssl = session.digest()?.ssl_digest.as_ref()?;
+    ssl.extension.get::<crate::tls::Sni>().map(|s| s.0.clone())
+}
+
 /// Whether the client came over TLS.
 fn client_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
@@ -281,6 +287,15 @@ impl ProxyHttp for EdgeProxy {
             respond(session, Reject::UnknownHost, ctx.upgrade).await?;
             return Ok(true);
         };
+        if let Some(sni) = sni_of(session) {
+            // No domain fronting across customers: the Host must belong to the resource
+            // whose certificate the connection was made with (RFC 9110 §15.5.20).
+            let sni_site = self.resources.load().find(&sni).cloned();
+            if !sni_site.is_some_and(|s| Arc::ptr_eq(&s.resource, &site.resource)) {
+                respond(session, Reject::Misdirected, ctx.upgrade).await?;
+                return Ok(true);
+            }
+        }
         if handshake::ambiguous_framing(session.req_header()) {
             if ctx.upgrade {
                 site.stats.handshake(Reject::AmbiguousFraming.outcome());

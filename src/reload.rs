@@ -30,6 +30,7 @@ pub struct Reloader {
     /// The configuration being served (listeners are compared against it).
     current: Mutex<Config>,
     last: Mutex<Option<ReloadStatus>>,
+    certificates: Option<Arc<crate::tls::SniResolver>>,
 }
 
 impl Reloader {
@@ -41,7 +42,15 @@ impl Reloader {
             stats,
             current: Mutex::new(config),
             last: Mutex::new(None),
+            certificates: None,
         }
+    }
+
+    /// Also reloads the certificates of `resolver` (new TLS handshakes get the new ones;
+    /// open connections keep theirs).
+    pub fn with_certificates(mut self, resolver: Arc<crate::tls::SniResolver>) -> Reloader {
+        self.certificates = Some(resolver);
+        self
     }
 
     /// Reloads now. `Ok` says what changed; `Err` is the error, and the old table serves on.
@@ -52,12 +61,21 @@ impl Reloader {
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
                 self.resources
                     .store(Arc::new(Router::new(&new, &self.stats)));
+                if let Some(resolver) = &self.certificates {
+                    resolver.store(crate::tls::CertTable::new(&new));
+                }
+                for w in &new.warnings {
+                    log::warn!("{w}");
+                }
                 let mut message = format!(
                     "reloaded {}: {} resources",
                     self.path.display(),
                     new.resources.len()
                 );
-                if new.listen.http != current.listen.http || new.admin != current.admin {
+                if new.listen.http != current.listen.http
+                    || new.listen.https != current.listen.https
+                    || new.admin != current.admin
+                {
                     message.push_str("; listener changes take effect only after a restart");
                 }
                 *current = new;

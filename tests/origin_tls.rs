@@ -3,46 +3,17 @@
 
 mod common;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use std::sync::Arc;
-use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A CA, and a TLS acceptor whose certificate for `origin.test` that CA signed.
-fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "wsedge test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["origin.test".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let ca_path = dir.join("origin-ca.pem");
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
-    (ca_path, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
 
 #[tokio::test]
 async fn https_origin_verified_against_ca_file_and_sni() {
-    let dir = scratch_dir("pki");
-    let (ca, acceptor) = test_pki(&dir);
-    let tls_origin = Origin::start_tls(Mode::Echo, acceptor).await;
+    let pki = Pki::new("pki");
+    let ca = pki.ca_path();
+    let tls_origin = Origin::start_tls(
+        Mode::Echo,
+        pki.acceptor(&pki.issue("origin", &["origin.test"])),
+    )
+    .await;
     let plain_origin = Origin::start(Mode::Echo).await;
     let yaml = format!(
         r#"
@@ -113,5 +84,5 @@ resources:
         .unwrap();
     echo_once(&mut ws, Message::text("followed")).await;
     assert_eq!(plain_origin.count(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }

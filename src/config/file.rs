@@ -38,6 +38,18 @@ pub struct FileConfig {
 pub struct ListenFile {
     #[serde(default)]
     pub http: Vec<Addr>,
+    #[serde(default)]
+    pub https: Vec<Addr>,
+    /// Served to TLS clients whose SNI matches no resource (else their handshake fails).
+    pub default_certificate: Option<TlsFile>,
+}
+
+/// A certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub certificate: String,
+    pub private_key: String,
 }
 
 /// Resource keys that apply to every resource unless the resource sets them.
@@ -60,6 +72,8 @@ pub struct ResourceFile {
     pub origin: OriginFile,
     #[serde(default)]
     pub websocket: WebSocketFile,
+    /// The certificate for this resource's hostnames on https listeners.
+    pub tls: Option<TlsFile>,
 }
 
 /// `full_site` serves everything, `static_only` only static files (no WebSocket by default).

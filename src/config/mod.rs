@@ -42,6 +42,10 @@ pub struct Config {
     pub client: ClientLimits,
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
+    /// The certificate for TLS clients whose SNI matches no resource.
+    pub default_certificate: Option<crate::tls::Certificate>,
+    /// Things that work but deserve a look (an expired certificate, say).
+    pub warnings: Vec<String>,
 }
 
 /// Where access-log lines go.
@@ -60,6 +64,8 @@ pub enum AccessLogTarget {
 pub struct Listen {
     /// Plain HTTP and `ws://` listeners.
     pub http: Vec<SocketAddr>,
+    /// HTTPS and `wss://` listeners.
+    pub https: Vec<SocketAddr>,
 }
 
 /// One CDN resource: a set of hostnames served from one origin group.
@@ -75,6 +81,8 @@ pub struct Resource {
     pub origin: Origin,
     /// WebSocket policy.
     pub websocket: WebSocket,
+    /// The certificate for its hostnames on https listeners.
+    pub tls: Option<crate::tls::Certificate>,
 }
 
 /// The origin group of a resource.

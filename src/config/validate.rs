@@ -151,13 +151,70 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
             }
         };
 
-    if f.listen.http.is_empty() {
+    if f.listen.http.is_empty() && f.listen.https.is_empty() {
         return Err(invalid(
             None,
             "listen.http".into(),
             "listen",
             0,
             "no listener: add at least one address, like `http: [\"0.0.0.0:8080\"]`".into(),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut warnings = Vec::new();
+    let mut load_cert =
+        |resource: Option<&str>, key: String, t: &super::file::TlsFile| {
+            let (chain, private) = (
+                relative_to(base, &t.certificate),
+                relative_to(base, &t.private_key),
+            );
+            match crate::tls::Certificate::load(&chain, &private) {
+                Ok(c) => {
+                    if c.expired(now) {
+                        warnings.push(format!(
+                        "{file}: {}{key}: the certificate {} has expired; clients will refuse it",
+                        resource.map(|r| format!("resource \"{r}\": ")).unwrap_or_default(),
+                        chain.display()
+                    ));
+                    }
+                    Ok(c)
+                }
+                Err(why) => Err(invalid(
+                    resource,
+                    key,
+                    &t.certificate,
+                    0,
+                    format!("{why}; paths are relative to the config file's folder"),
+                )),
+            }
+        };
+    let default_certificate = match &f.listen.default_certificate {
+        Some(t) => Some(load_cert(None, "listen.default_certificate".into(), t)?),
+        None => None,
+    };
+    let mut certs = Vec::with_capacity(f.resources.len());
+    for (i, r) in f.resources.iter().enumerate() {
+        certs.push(match &r.tls {
+            Some(t) => Some(load_cert(
+                Some(&r.name.0),
+                format!("resources[{i}].tls"),
+                t,
+            )?),
+            None => None,
+        });
+    }
+    if !f.listen.https.is_empty()
+        && default_certificate.is_none()
+        && certs.iter().all(Option::is_none)
+    {
+        return Err(invalid(
+            None,
+            "listen.https".into(),
+            "https",
+            0,
+            "an https listener needs certificates: give resources a `tls: { certificate, private_key }` block, or set listen.default_certificate".into(),
         ));
     }
     if f.resources.is_empty() {
@@ -225,7 +282,10 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
                     .into(),
             ));
         }
-        let res = resource(&f, r, base);
+        let res = Resource {
+            tls: certs[i].take(),
+            ..resource(&f, r, base)
+        };
         let res = match &res.origin.ca_file {
             Some(ca_path) => match crate::origin::OriginCa::load(ca_path) {
                 Ok(ca) => Resource {
@@ -273,8 +333,11 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
         },
         listen: Listen {
             http: f.listen.http.iter().map(|a| a.0).collect(),
+            https: f.listen.https.iter().map(|a| a.0).collect(),
         },
         resources,
+        default_certificate,
+        warnings,
     })
 }
 
@@ -350,6 +413,7 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                 .or(d.websocket.max_lifetime.as_ref())
                 .map(|t| t.0),
         },
+        tls: None,
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Edge {
     pub addr: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
+    /// The HTTPS listener, if any.
+    pub https: Option<SocketAddr>,
     pub pid: u32,
     /// Everything wsedge wrote on stderr (its log), filled by a reader thread.
     pub log: Arc<Mutex<String>>,
@@ -98,19 +100,29 @@ impl Edge {
         let access2 = access.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("wsedge: listening on http://") {
-                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
-                } else if let Some(a) = line.strip_prefix("wsedge: admin on http://") {
-                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                let found = [
+                    ("http", "wsedge: listening on http://"),
+                    ("https", "wsedge: listening on https://"),
+                    ("admin", "wsedge: admin on http://"),
+                ]
+                .into_iter()
+                .find_map(|(kind, prefix)| {
+                    Some((kind, line.strip_prefix(prefix)?.parse::<SocketAddr>().ok()?))
+                });
+                if let Some(f) = found {
+                    let _ = tx.send(f);
                 } else if line.starts_with('{') {
                     access2.lock().unwrap().push(line);
                 }
             }
         });
-        let mut addrs = Vec::new();
-        while addrs.len() < 2 {
+        let (mut addr, mut https, mut admin) = (None, None, None);
+        // The admin line comes last.
+        while admin.is_none() {
             match rx.recv_timeout(STEP) {
-                Ok(a) => addrs.push(a),
+                Ok(("http", a)) => addr = addr.or(Some(a)),
+                Ok(("https", a)) => https = https.or(Some(a)),
+                Ok((_, a)) => admin = Some(a),
                 Err(_) => {
                     let _ = child.kill();
                     panic!(
@@ -123,8 +135,9 @@ impl Edge {
         let pid = child.id();
         Edge {
             child,
-            addr: addrs[0],
-            admin: addrs[1],
+            addr: addr.or(https).unwrap(),
+            https,
+            admin: admin.unwrap(),
             pid,
             log,
             access,
@@ -577,5 +590,92 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         s.split('"').next()
     } else {
         rest.split([',', '}']).next()
+    }
+}
+
+/// A test CA made at test time, issuing certificates for names.
+pub struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    pub dir: PathBuf,
+}
+
+/// An issued certificate: files on disk and the DER of the leaf.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub der: Vec<u8>,
+    pub key_der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new(tag: &str) -> Pki {
+        let dir = scratch_dir(tag);
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wsedge test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki { ca, ca_key, dir }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues a certificate for `names`, written as `<file>.pem` and `<file>.key`.
+    pub fn issue(&self, file: &str, names: &[&str]) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .signed_by(&key, &self.ca, &self.ca_key)
+                .unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        Issued {
+            cert: c,
+            key: k,
+            der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// A TLS acceptor serving `issued` (for origins).
+    pub fn acceptor(&self, issued: &Issued) -> tokio_rustls::TlsAcceptor {
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![issued.der.clone().into()],
+                tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    issued.key_der.clone().into(),
+                ),
+            )
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A TLS connector trusting this CA, offering `alpn`.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 }
