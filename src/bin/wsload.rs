@@ -4,6 +4,7 @@
 //! wsload origin 127.0.0.1:9100                          # WebSocket echo origin, prints its address
 //! wsload echo ws://127.0.0.1:8080/ws --conns 16 --messages 20000 --size 32 --pid 1234
 //! wsload stats-query                                    # /stats rendering time, 366 daily buckets
+//! wsload handshakes wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --conns 8 --count 3000 --pid 1234
 //! ```
 //!
 //! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
@@ -22,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--pid PID] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--pid PID] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID] | stats-query");
     std::process::exit(2)
 }
 
@@ -198,6 +199,147 @@ fn stats_query() {
     );
 }
 
+fn text_flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// A TLS client config trusting `ca` (PEM), with session resumption off so every
+/// handshake is a full one.
+fn tls_client(ca: &str) -> Arc<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).expect("read the CA file");
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("a CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// New connection, (TLS,) upgrade, one echo, close; `count` times over `conns` workers.
+async fn handshakes(
+    url: &str,
+    host: Option<&str>,
+    ca: Option<&str>,
+    conns: u64,
+    count: u64,
+    pid: Option<u64>,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls = url
+        .starts_with("wss://")
+        .then(|| tls_client(ca.expect("--ca for wss://")));
+    let authority = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("a URL with a host")
+        .to_string();
+    let path = format!("/{}", url.splitn(4, '/').nth(3).unwrap_or(""));
+    let host = host.map_or_else(
+        || authority.split(':').next().unwrap().to_string(),
+        str::to_string,
+    );
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let cpu0 = pid.and_then(cpu_micros);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (done, failures, tls, authority, host, path) = (
+            done.clone(),
+            failures.clone(),
+            tls.clone(),
+            authority.clone(),
+            host.clone(),
+            path.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while done.fetch_add(1, Ordering::Relaxed) < count as usize {
+                let one = async {
+                    let tcp = tokio::net::TcpStream::connect(&authority)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = tcp.set_nodelay(true);
+                    let scheme = if tls.is_some() { "wss" } else { "ws" };
+                    let mut req = format!("{scheme}://{host}{path}")
+                        .into_client_request()
+                        .map_err(|e| e.to_string())?;
+                    req.headers_mut()
+                        .insert("Host", host.parse().map_err(|_| "bad host")?);
+                    let stream: Box<dyn AsyncStream> = match &tls {
+                        Some(config) => {
+                            let name =
+                                tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                                    .map_err(|e| e.to_string())?;
+                            Box::new(
+                                tokio_rustls::TlsConnector::from(config.clone())
+                                    .connect(name, tcp)
+                                    .await
+                                    .map_err(|e| e.to_string())?,
+                            )
+                        }
+                        None => Box::new(tcp),
+                    };
+                    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ws.send(Message::text("hi"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ws.next()
+                        .await
+                        .ok_or("no echo")?
+                        .map_err(|e| e.to_string())?;
+                    ws.close(None).await.map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                };
+                match tokio::time::timeout(STEP, one).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("wsload: handshake failed: {e}");
+                        }
+                    }
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a client task");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(cpu_micros);
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
+        _ => "null".into(),
+    };
+    println!(
+        "{{\"handshakes\":{count},\"failures\":{},\"seconds\":{secs:.3},\"handshakes_per_s\":{:.0},\"cpu_us_per_handshake\":{cpu}}}",
+        failures.load(Ordering::Relaxed),
+        count as f64 / secs
+    );
+}
+
+/// Any byte stream a WebSocket client can run over.
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -222,6 +364,21 @@ fn main() {
             ))
         }
         Some("stats-query") => stats_query(),
+        Some("handshakes") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            let pid = args
+                .iter()
+                .any(|a| a == "--pid")
+                .then(|| flag(&args, "--pid", 0));
+            rt.block_on(handshakes(
+                url,
+                text_flag(&args, "--host"),
+                text_flag(&args, "--ca"),
+                flag(&args, "--conns", 8),
+                flag(&args, "--count", 2000),
+                pid,
+            ))
+        }
         _ => usage(),
     }
 }
