@@ -31,22 +31,6 @@ resources:
     )
 }
 
-fn status(answer: &str) -> u16 {
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {answer:?}"))
-}
-
-fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
-    let head = answer.split("\r\n\r\n").next().unwrap();
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
 async fn assert_rejected(origin: &Origin, edge: &Edge, req: String, want: u16) -> String {
     let answer = raw_request(edge.addr, &req).await;
     assert_eq!(status(&answer), want, "request:\n{req}\nanswer:\n{answer}");
