@@ -20,7 +20,7 @@ const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.hos
 document.getElementById("url").textContent = url;
 const log = (t) => { document.getElementById("log").textContent += t + "\n"; };
 const ws = new WebSocket(url);
-ws.onopen = () => log("open");
+ws.onopen = () => { log("open"); ws.send("hello from the page"); };
 ws.onmessage = (e) => log("echo: " + e.data);
 ws.onclose = (e) => log("closed: " + e.code + " " + e.reason);
 document.getElementById("f").onsubmit = (e) => { e.preventDefault(); ws.send(document.getElementById("msg").value); };

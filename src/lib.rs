@@ -220,8 +220,9 @@ pub fn run(opts: Options) -> Result<(), RunError> {
                 }
                 if demo_addr.is_some() {
                     let port = bound[0].port();
-                    println!("wsedge: demo ready: open http://{first_host}:{port}/ (resolve {first_host} to 127.0.0.1), or:");
-                    println!("  curl -H 'Host: {first_host}' http://127.0.0.1:{port}/");
+                    let scheme = if http_count > 0 { "http" } else { "https" };
+                    println!("wsedge: demo ready: open {scheme}://{first_host}:{port}/ (resolve {first_host} to 127.0.0.1), or:");
+                    println!("  curl -k -H 'Host: {first_host}' {scheme}://127.0.0.1:{port}/");
                 }
             }
             None => eprintln!("wsedge: listeners did not come up within 30s"),
