@@ -122,15 +122,15 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 
     let mut demo_addr = None;
     if opts.demo {
-        let addr = config.resources[0].origin.servers[0];
+        let addr = config.resources[0].origin.servers[0].addr;
         let bound = demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
         if bound != addr {
             // Port 0 in the file: point every server at that address to the bound one.
             for r in &mut config.resources {
                 let r = Arc::make_mut(r);
                 for s in &mut r.origin.servers {
-                    if *s == addr {
-                        *s = bound;
+                    if s.addr == addr {
+                        s.addr = bound;
                     }
                 }
             }
@@ -181,6 +181,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 
     let admin_addr = config.admin;
     let stats_for_ticker = stats.clone();
+    let table_for_checks = table.clone();
     let mut wanted = config.listen.http.clone();
     wanted.extend(&config.listen.https);
     let http_count = config.listen.http.len();
@@ -199,6 +200,10 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     server.add_service(pingora::services::background::background_service(
         "reload on SIGHUP",
         reload::SighupReload(reloader),
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "origin health checks",
+        origin::HealthChecker(table_for_checks),
     ));
     server.add_service(pingora::services::background::background_service(
         "stats windows",

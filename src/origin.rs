@@ -1,9 +1,11 @@
 //! The way to an origin: which server, which scheme, which TLS name and trust, which
 //! timeouts, as a Pingora [`HttpPeer`].
 
-use crate::config::{OriginProtocol, Resource};
+use crate::config::{Balance, OriginProtocol, Resource};
+use futures_util::FutureExt;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -74,4 +76,227 @@ pub fn peer(res: &Resource, server: SocketAddr, client_tls: bool, client_host: &
         peer.options.ca = o.ca.as_ref().map(|c| c.0.clone());
     }
     peer
+}
+
+/// The live origin group of a resource: weighted or sticky selection among healthy
+/// primaries, backups while no primary is healthy, and health state fed by active checks.
+pub struct OriginGroup {
+    primary: Pool,
+    backup: Option<Pool>,
+    size: usize,
+    check: Option<crate::config::HealthCheck>,
+    next_check: std::sync::Mutex<std::time::Instant>,
+}
+
+enum Pool {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    ClientIp(LoadBalancer<Consistent>),
+}
+
+use pingora::lb::selection::{Consistent, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+
+impl Pool {
+    fn new(res: &Resource, servers: &[crate::config::Server], balance: Balance) -> Pool {
+        let set: std::collections::BTreeSet<Backend> = servers
+            .iter()
+            .map(|s| {
+                let mut b = Backend::new(&s.addr.to_string()).expect("a socket address parses");
+                b.weight = s.weight as usize;
+                b
+            })
+            .collect();
+        let mut backends = Backends::new(pingora::lb::discovery::Static::new(set));
+        if let Some(hc) = &res.origin.health_check {
+            backends.set_health_check(health_check(res, hc));
+        }
+        let pool = match balance {
+            Balance::RoundRobin => Pool::RoundRobin(LoadBalancer::from_backends(backends)),
+            Balance::ClientIp => Pool::ClientIp(LoadBalancer::from_backends(backends)),
+        };
+        // Static discovery never blocks or fails.
+        let updated = match &pool {
+            Pool::RoundRobin(lb) => lb.update().now_or_never(),
+            Pool::ClientIp(lb) => lb.update().now_or_never(),
+        };
+        if !matches!(updated, Some(Ok(()))) {
+            log::error!("resource {}: building the origin group failed", res.name);
+        }
+        pool
+    }
+
+    /// A healthy server not in `tried`.
+    fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let accept =
+            |b: &Backend, healthy: bool| healthy && b.as_inet().is_some_and(|a| !tried.contains(a));
+        let b = match self {
+            Pool::RoundRobin(lb) => lb.select_with(key, 256, accept),
+            Pool::ClientIp(lb) => lb.select_with(key, 256, accept),
+        }?;
+        b.as_inet().copied()
+    }
+
+    fn backends(&self) -> &Backends {
+        match self {
+            Pool::RoundRobin(lb) => lb.backends(),
+            Pool::ClientIp(lb) => lb.backends(),
+        }
+    }
+}
+
+trait BackendAddr {
+    fn as_inet(&self) -> Option<&SocketAddr>;
+}
+
+impl BackendAddr for Backend {
+    fn as_inet(&self) -> Option<&SocketAddr> {
+        match &self.addr {
+            pingora::protocols::l4::socket::SocketAddr::Inet(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Logs health transitions.
+struct LogHealth(String);
+
+#[async_trait::async_trait]
+impl pingora::lb::health_check::HealthObserve for LogHealth {
+    async fn observe(&self, target: &Backend, healthy: bool) {
+        let state = if healthy { "up" } else { "down" };
+        log::warn!("resource {}: origin {} is {state}", self.0, target.addr);
+    }
+}
+
+fn health_check(
+    res: &Resource,
+    hc: &crate::config::HealthCheck,
+) -> Box<dyn pingora::lb::health_check::HealthCheck + Send + Sync> {
+    let tls = uses_tls(res.origin.protocol, false);
+    let host = res.origin.host.clone().unwrap_or_else(|| {
+        res.hostnames
+            .iter()
+            .find(|h| !h.starts_with("*."))
+            .cloned()
+            .unwrap_or_else(|| res.hostnames[0].replace("*.", "www."))
+    });
+    let observer = Box::new(LogHealth(res.name.clone()));
+    match &hc.path {
+        Some(path) => {
+            let mut check = pingora::lb::health_check::HttpHealthCheck::new(&host, tls);
+            check.consecutive_success = hc.healthy_after as usize;
+            check.consecutive_failure = hc.unhealthy_after as usize;
+            // Invariant: the path was checked to start with '/' at load.
+            check
+                .req
+                .set_uri(path.parse().expect("a path parses as a URI"));
+            check.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| {
+                if resp.status.is_success() {
+                    Ok(())
+                } else {
+                    pingora::Error::e_explain(
+                        pingora::ErrorType::HTTPStatus(resp.status.as_u16()),
+                        "health check answer is not 2xx",
+                    )
+                }
+            }));
+            check.peer_template.options.connection_timeout = Some(res.origin.connect_timeout);
+            check.peer_template.options.verify_cert = res.origin.verify_tls;
+            check.peer_template.options.verify_hostname = res.origin.verify_tls;
+            check.peer_template.options.ca = res.origin.ca.as_ref().map(|c| c.0.clone());
+            if let Some(sni) = &res.origin.sni {
+                check.peer_template.sni = sni.clone();
+            }
+            check.health_changed_callback = Some(observer);
+            Box::new(check)
+        }
+        None => {
+            let mut check = pingora::lb::health_check::TcpHealthCheck::new();
+            check.consecutive_success = hc.healthy_after as usize;
+            check.consecutive_failure = hc.unhealthy_after as usize;
+            check.peer_template.options.connection_timeout = Some(res.origin.connect_timeout);
+            check.health_changed_callback = Some(observer);
+            check
+        }
+    }
+}
+
+impl OriginGroup {
+    /// The group of `res`, every server healthy until checked.
+    pub fn new(res: &Resource) -> OriginGroup {
+        let (backups, primaries): (Vec<_>, Vec<_>) =
+            res.origin.servers.iter().copied().partition(|s| s.backup);
+        OriginGroup {
+            primary: Pool::new(res, &primaries, res.origin.balance),
+            backup: (!backups.is_empty()).then(|| Pool::new(res, &backups, Balance::RoundRobin)),
+            size: res.origin.servers.len(),
+            check: res.origin.health_check.clone(),
+            next_check: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// The next server to try for a client: a healthy primary, else a healthy backup, never
+    /// one in `tried`. `None` when every candidate was tried.
+    pub fn next(&self, client: Option<IpAddr>, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        if tried.len() >= self.size {
+            return None;
+        }
+        let key = match client {
+            Some(IpAddr::V4(ip)) => ip.octets().to_vec(),
+            Some(IpAddr::V6(ip)) => ip.octets().to_vec(),
+            None => Vec::new(),
+        };
+        self.primary
+            .select(&key, tried)
+            .or_else(|| self.backup.as_ref()?.select(&key, tried))
+    }
+
+    /// Servers in the group.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Runs the health checks if their interval has passed (called about once a second).
+    pub async fn check_if_due(&self) {
+        let Some(check) = &self.check else { return };
+        {
+            let mut next = self.next_check.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if now < *next {
+                return;
+            }
+            *next = now + check.interval;
+        }
+        self.primary.backends().run_health_check(true).await;
+        if let Some(b) = &self.backup {
+            b.backends().run_health_check(true).await;
+        }
+    }
+}
+
+impl std::fmt::Debug for OriginGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OriginGroup({} servers)", self.size)
+    }
+}
+
+/// Runs every resource's health checks on their intervals.
+pub struct HealthChecker(pub crate::proxy::Resources);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let table = self.0.load_full();
+                    let checks = table.sites().iter().map(|s| s.group.check_if_due());
+                    futures_util::future::join_all(checks).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

@@ -44,8 +44,8 @@ pub struct RequestCtx {
     upgrade: bool,
     /// A tunnel was opened (it logs itself).
     tunnel: bool,
-    /// Index of the origin server tried for plain HTTP.
-    server_index: usize,
+    /// Origin servers tried for a plain request (each once).
+    tried: Vec<std::net::SocketAddr>,
     started: Instant,
     received: SystemTime,
 }
@@ -117,6 +117,8 @@ impl EdgeProxy {
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string(),
+            client_ip: client_ip(session),
+            tls: client_tls(session),
         };
         let report = Reporting {
             slot,
@@ -125,8 +127,16 @@ impl EdgeProxy {
             log: self.log.clone(),
             metrics: self.metrics,
         };
-        let tls = client_tls(session);
-        let outcome = tunnel::run(session, res, &self.connector, up_req, tls, info, report).await?;
+        let outcome = tunnel::run(
+            session,
+            res,
+            &site.group,
+            &self.connector,
+            up_req,
+            info,
+            report,
+        )
+        .await?;
         let (outcome_label, answer): (&str, Option<(u16, &'static str)>) = match outcome {
             Outcome::Unreachable => (
                 "origin_unreachable",
@@ -175,6 +185,14 @@ fn client_host(req: &RequestHeader) -> &str {
 fn sni_of(session: &Session) -> Option<String> {
     let ssl = session.digest()?.ssl_digest.as_ref()?;
     ssl.extension.get::<crate::tls::Sni>().map(|s| s.0.clone())
+}
+
+/// The client's IP address.
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// Whether the client came over TLS.
@@ -260,7 +278,7 @@ impl ProxyHttp for EdgeProxy {
             site: None,
             upgrade: false,
             tunnel: false,
-            server_index: 0,
+            tried: Vec::new(),
             started: Instant::now(),
             received: SystemTime::now(),
         }
@@ -348,12 +366,16 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let res = ctx
-            .resource()
+        let site = ctx
+            .site
+            .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no resource in context"))?;
-        let server = res.origin.servers[ctx.server_index % res.origin.servers.len()];
+        let Some(server) = site.group.next(client_ip(session), &ctx.tried) else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "no origin server left to try");
+        };
+        ctx.tried.push(server);
         let mut peer = origin::peer(
-            res,
+            &site.resource,
             server,
             client_tls(session),
             client_host(session.req_header()),
@@ -370,10 +392,9 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Try the next server of the group, once each.
-        let servers = ctx.resource().map_or(0, |r| r.origin.servers.len());
-        ctx.server_index += 1;
-        if ctx.server_index < servers {
+        // Try another server of the group, each once.
+        let size = ctx.site.as_ref().map_or(0, |s| s.group.size());
+        if ctx.tried.len() < size {
             e.set_retry(true);
         }
         e

@@ -13,6 +13,8 @@ pub struct Site {
     pub resource: Arc<Resource>,
     /// Its counters, which outlive reloads.
     pub stats: Arc<ResourceStats>,
+    /// Its origin group with health state.
+    pub group: crate::origin::OriginGroup,
 }
 
 /// The lookup table built from a [`Config`].
@@ -21,6 +23,7 @@ pub struct Router {
     exact: HashMap<String, Arc<Site>>,
     /// Keyed by the part after `*.`.
     wildcard: HashMap<String, Arc<Site>>,
+    sites: Vec<Arc<Site>>,
 }
 
 impl Router {
@@ -32,7 +35,9 @@ impl Router {
             let site = Arc::new(Site {
                 resource: r.clone(),
                 stats: stats.resource(&r.name),
+                group: crate::origin::OriginGroup::new(r),
             });
+            router.sites.push(site.clone());
             for h in &r.hostnames {
                 match h.strip_prefix("*.") {
                     Some(suffix) => router.wildcard.insert(suffix.to_string(), site.clone()),
@@ -41,6 +46,11 @@ impl Router {
             }
         }
         router
+    }
+
+    /// Every site, once each.
+    pub fn sites(&self) -> &[Arc<Site>] {
+        &self.sites
     }
 
     /// The site serving `host` (a Host header or :authority value), if any.

@@ -13,7 +13,7 @@ use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::frames::FrameReader;
 use crate::limits::Slot;
-use crate::origin;
+use crate::origin::{self, OriginGroup};
 use crate::stats::{EdgeStats, ResourceStats};
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
@@ -94,6 +94,10 @@ pub struct TunnelInfo {
     pub host: String,
     /// The request path (and query).
     pub path: String,
+    /// The client's IP (the key of sticky balancing).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// Whether the client came over TLS.
+    pub tls: bool,
 }
 
 /// Where a tunnel reports: the process-wide and the resource's counters, the access log,
@@ -237,17 +241,19 @@ impl Drop for TunnelGuard {
 pub async fn run(
     session: &mut Session,
     res: &Resource,
+    group: &OriginGroup,
     connector: &Connector,
     req: RequestHeader,
-    client_tls: bool,
     info: TunnelInfo,
     report: Reporting,
 ) -> pingora::Result<Outcome> {
-    // Try the servers of the group in order; a server that refuses or cannot be reached
-    // costs no more than its connect attempt.
+    // Try the group's servers (healthy primaries, then backups), each once; a server that
+    // refuses or cannot be reached costs no more than its connect attempt.
     let mut conn = None;
-    for &server in &res.origin.servers {
-        let peer = origin::peer(res, server, client_tls, &info.host);
+    let mut tried = Vec::with_capacity(group.size());
+    while let Some(server) = group.next(info.client_ip, &tried) {
+        tried.push(server);
+        let peer = origin::peer(res, server, info.tls, &info.host);
         match connector.get_http_session(&peer).await {
             Ok((mut up, _reused)) => match up.write_request_header(Box::new(req.clone())).await {
                 Ok(_) => {

@@ -116,6 +116,8 @@ pub struct OriginFile {
     pub protocol: Option<OriginProtocol>,
     #[serde(deserialize_with = "non_empty")]
     pub servers: Vec<ServerFile>,
+    pub balance: Option<Balance>,
+    pub health_check: Option<HealthCheckFile>,
     pub host: Option<String>,
     pub sni: Option<String>,
     pub verify_tls: Option<bool>,
@@ -126,7 +128,30 @@ pub struct OriginFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
-    pub address: Addr,
+    pub address: HostPort,
+    pub weight: Option<u32>,
+    pub backup: Option<bool>,
+}
+
+/// How requests are spread over the primary servers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Consistent hashing on the client IP: a client stays on its server while it is up.
+    ClientIp,
+}
+
+/// `health_check: { path: /healthz, interval: 5s }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub path: Option<PathPrefix>,
+    pub interval: Option<DurationStr>,
+    pub healthy_after: Option<u32>,
+    pub unhealthy_after: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +217,30 @@ parsed_string!(
     /// A socket address `ip:port`.
     Addr(SocketAddr) = parse_addr
 );
+parsed_string!(
+    /// `ip:port` or `name:port` (resolved at load and reload).
+    HostPort(String) = parse_host_port
+);
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let ok = s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid address \"{s}\": write ip:port or name:port, like 10.0.0.5:8080, [::1]:8080 or origin.internal:8080"
+        ))
+    }
+}
 parsed_string!(
     /// A resource name: `[a-z0-9_-]+`.
     Name(String) = parse_name

@@ -4,7 +4,7 @@
 mod file;
 mod validate;
 
-pub use file::{OriginProtocol, ResourceType};
+pub use file::{Balance, OriginProtocol, ResourceType};
 pub use validate::ConfigError;
 
 use std::net::SocketAddr;
@@ -90,8 +90,12 @@ pub struct Resource {
 pub struct Origin {
     /// Scheme towards the origin.
     pub protocol: OriginProtocol,
-    /// The servers of the group, tried in order when one cannot be reached.
-    pub servers: Vec<SocketAddr>,
+    /// The servers of the group.
+    pub servers: Vec<Server>,
+    /// How requests are spread over the healthy primary servers.
+    pub balance: Balance,
+    /// Active health checks, if configured.
+    pub health_check: Option<HealthCheck>,
     /// `Host` sent to the origin; `None` keeps the client's.
     pub host: Option<String>,
     /// TLS server name for https; `None` means `host`, else the client's Host.
@@ -104,6 +108,30 @@ pub struct Origin {
     pub ca: Option<crate::origin::OriginCa>,
     /// TCP (and TLS) connect timeout per server.
     pub connect_timeout: Duration,
+}
+
+/// One server of an origin group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    /// Its address (names are resolved at load and reload).
+    pub addr: SocketAddr,
+    /// Its share among the primaries (default 1).
+    pub weight: u32,
+    /// Used only while no primary is healthy.
+    pub backup: bool,
+}
+
+/// Active health checks of an origin group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `GET path` expecting 2xx; `None` checks a TCP connect.
+    pub path: Option<String>,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Consecutive successes that mark a server up.
+    pub healthy_after: u32,
+    /// Consecutive failures that mark a server down.
+    pub unhealthy_after: u32,
 }
 
 /// WebSocket settings of a resource.

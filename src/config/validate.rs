@@ -282,10 +282,36 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
                     .into(),
             ));
         }
-        let res = Resource {
+        let mut res = Resource {
             tls: certs[i].take(),
             ..resource(&f, r, base)
         };
+        for (j, server) in r.origin.servers.iter().enumerate() {
+            let addr = resolve(&server.address.0).map_err(|why| {
+                invalid(
+                    Some(name),
+                    format!("resources[{i}].origin.servers[{j}].address"),
+                    &server.address.0,
+                    0,
+                    why,
+                )
+            })?;
+            res.origin.servers.push(super::Server {
+                addr,
+                weight: server.weight.unwrap_or(1).max(1),
+                backup: server.backup.unwrap_or(false),
+            });
+        }
+        if res.origin.servers.iter().all(|s| s.backup) {
+            return Err(invalid(
+                Some(name),
+                format!("resources[{i}].origin.servers"),
+                "servers",
+                i,
+                "every server is a backup: make at least one a primary (remove `backup: true`)"
+                    .into(),
+            ));
+        }
         let res = match &res.origin.ca_file {
             Some(ca_path) => match crate::origin::OriginCa::load(ca_path) {
                 Ok(ca) => Resource {
@@ -357,7 +383,18 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
         kind: r.kind,
         origin: Origin {
             protocol: o.protocol.or(d.origin.protocol).unwrap_or_default(),
-            servers: o.servers.iter().map(|s| s.address.0).collect(),
+            // Resolved by `resolve_servers` once the file is known to be valid.
+            servers: Vec::new(),
+            balance: o.balance.unwrap_or_default(),
+            health_check: o.health_check.as_ref().map(|h| super::HealthCheck {
+                path: h.path.as_ref().map(|p| p.0.clone()),
+                interval: h
+                    .interval
+                    .as_ref()
+                    .map_or(std::time::Duration::from_secs(5), |i| i.0),
+                healthy_after: h.healthy_after.unwrap_or(2).max(1),
+                unhealthy_after: h.unhealthy_after.unwrap_or(2).max(1),
+            }),
             host: o.host.clone(),
             sni: o.sni.clone(),
             verify_tls: o.verify_tls.or(d.origin.verify_tls).unwrap_or(true),
@@ -414,6 +451,22 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                 .map(|t| t.0),
         },
         tls: None,
+    }
+}
+
+/// `ip:port` as is; `name:port` through the system resolver (the first address).
+fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = address.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("\"{address}\" resolves to no address")),
+        Err(e) => Err(format!(
+            "\"{address}\" does not resolve ({e}); fix the name or use ip:port"
+        )),
     }
 }
 
