@@ -191,3 +191,29 @@ fn bad_origin_and_bad_rate() {
         "like 20/s or 600/m",
     );
 }
+
+#[test]
+fn names_resolve_at_load_and_an_unresolvable_one_is_an_error() {
+    let yaml = GOOD.replace("127.0.0.1:9001", "localhost:9001");
+    let (ok, err, _) = check(&yaml);
+    assert!(ok, "localhost resolves: {err}");
+    let yaml = GOOD.replace("127.0.0.1:9001", "no-such-host.invalid:9001");
+    assert_error(
+        &yaml,
+        15,
+        "resources[1].origin.servers[0].address",
+        Some("news"),
+        "does not resolve",
+    );
+    let yaml = GOOD.replace(
+        "        - { address: \"127.0.0.1:9000\" }",
+        "        - { address: \"127.0.0.1:9000\", backup: true }",
+    );
+    assert_error(
+        &yaml,
+        7,
+        "resources[0].origin.servers",
+        Some("chat"),
+        "every server is a backup",
+    );
+}

@@ -265,6 +265,9 @@ pub struct Origin {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// What `GET /healthz` answers: 200 while true, 503 when false.
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    mode: Mode,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -290,6 +293,46 @@ impl Origin {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// Upgrade connections only (health checks excluded).
+    pub fn upgrades(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| matches!(s, Seen::Request(_)))
+            .count()
+    }
+
+    /// Stops listening (new connections are refused); open connections carry on.
+    pub fn stop(&mut self) {
+        self.task.abort();
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&mut self) {
+        self.task.abort();
+        let deadline = std::time::Instant::now() + STEP;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("rebind {}: {e}", self.addr),
+            }
+        };
+        let again = Self::serve_with(
+            listener,
+            self.mode.clone(),
+            None,
+            self.connections.clone(),
+            self.seen.clone(),
+            self.healthy.clone(),
+        );
+        self.task = again;
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
@@ -298,12 +341,60 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (c, s) = (connections.clone(), seen.clone());
-        let task = tokio::spawn(async move {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let task = Self::serve_with(
+            listener,
+            mode.clone(),
+            tls,
+            connections.clone(),
+            seen.clone(),
+            healthy.clone(),
+        );
+        Origin {
+            addr,
+            connections,
+            seen,
+            healthy,
+            mode,
+            task,
+        }
+    }
+
+    fn serve_with(
+        listener: TcpListener,
+        mode: Mode,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        c: Arc<AtomicUsize>,
+        s: Arc<Mutex<Vec<Seen>>>,
+        healthy: Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
                 };
+                if tls.is_none() {
+                    // Health checks: a plain GET /healthz is answered here.
+                    let mut head = [0u8; 12];
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut head)).await
+                    {
+                        if head[..n].starts_with(b"GET /healthz") {
+                            let ok = healthy.load(Ordering::SeqCst);
+                            let resp: &[u8] = if ok {
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+                            } else {
+                                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\ndown\n"
+                            };
+                            tokio::spawn(async move {
+                                let mut buf = [0u8; 1024];
+                                let _ = stream.read(&mut buf).await;
+                                let _ = stream.write_all(resp).await;
+                            });
+                            continue;
+                        }
+                    }
+                }
                 c.fetch_add(1, Ordering::SeqCst);
                 let (mode, seen, tls) = (mode.clone(), s.clone(), tls.clone());
                 tokio::spawn(async move {
@@ -317,13 +408,7 @@ impl Origin {
                     }
                 });
             }
-        });
-        Origin {
-            addr,
-            connections,
-            seen,
-            task,
-        }
+        })
     }
 }
 
