@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--pid PID] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | stats-query");
     std::process::exit(2)
 }
 
@@ -45,6 +45,33 @@ fn cpu_micros(pid: u64) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(ticks * 1_000_000 / hz)
+}
+
+/// Summed CPU of several processes (nginx's and HAProxy's workers, say).
+fn cpu_of(pids: &[u64]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_micros(p)).sum()
+}
+
+/// Summed resident memory of processes, KiB.
+fn rss_kib(pids: &[u64]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// `--pid 1,2,3`
+fn pids(args: &[String]) -> Vec<u64> {
+    text_flag(args, "--pid")
+        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -85,8 +112,8 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// `conns` connections, one message in flight each, until `messages` round trips.
-async fn echo(url: &str, conns: u64, messages: u64, size: u64, pid: Option<u64>) {
+/// `conns` connections, `window` messages in flight each, until `messages` round trips.
+async fn echo(url: &str, conns: u64, messages: u64, size: u64, window: u64, pids: &[u64]) {
     let mut sockets = Vec::new();
     for _ in 0..conns {
         let (ws, _) = tokio::time::timeout(
@@ -99,20 +126,34 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, pid: Option<u64>)
         sockets.push(ws);
     }
     let done = Arc::new(AtomicUsize::new(0));
-    let cpu0 = pid.and_then(cpu_micros);
+    let cpu0 = cpu_of(pids);
     let start = Instant::now();
     let payload = vec![b'x'; size as usize];
+    let window = window.max(1) as usize;
     let mut tasks = Vec::new();
     for mut ws in sockets {
         let (done, payload) = (done.clone(), payload.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            while done.fetch_add(1, Ordering::Relaxed) < messages as usize {
-                let t = Instant::now();
-                tokio::time::timeout(STEP, ws.send(Message::binary(payload.clone())))
+            let mut in_flight = std::collections::VecDeque::with_capacity(window);
+            loop {
+                // Keep `window` messages in flight while there are round trips left.
+                while in_flight.len() < window
+                    && done.fetch_add(1, Ordering::Relaxed) < messages as usize
+                {
+                    tokio::time::timeout(STEP, ws.feed(Message::binary(payload.clone())))
+                        .await
+                        .expect("send in time")
+                        .expect("send");
+                    in_flight.push_back(Instant::now());
+                }
+                if in_flight.is_empty() {
+                    break;
+                }
+                tokio::time::timeout(STEP, ws.flush())
                     .await
-                    .expect("send in time")
-                    .expect("send");
+                    .expect("flush in time")
+                    .expect("flush");
                 match tokio::time::timeout(STEP, ws.next())
                     .await
                     .expect("echo in time")
@@ -120,7 +161,8 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, pid: Option<u64>)
                     Some(Ok(m)) if m.len() == payload.len() => {}
                     other => panic!("bad echo: {other:?}"),
                 }
-                lat.push(t.elapsed().as_micros() as u64);
+                let sent = in_flight.pop_front().expect("a message in flight");
+                lat.push(sent.elapsed().as_micros() as u64);
             }
             let _ = ws.close(None).await;
             lat
@@ -143,7 +185,7 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, pid: Option<u64>)
         lat.extend(t.await.expect("a client task"));
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu1 = pid.and_then(cpu_micros);
+    let cpu1 = cpu_of(pids);
     progress.abort();
     eprintln!();
     lat.sort_unstable();
@@ -235,7 +277,7 @@ async fn handshakes(
     ca: Option<&str>,
     conns: u64,
     count: u64,
-    pid: Option<u64>,
+    pids: &[u64],
 ) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let tls = url
@@ -254,7 +296,7 @@ async fn handshakes(
     );
     let done = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
-    let cpu0 = pid.and_then(cpu_micros);
+    let cpu0 = cpu_of(pids);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -324,7 +366,7 @@ async fn handshakes(
         t.await.expect("a client task");
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu1 = pid.and_then(cpu_micros);
+    let cpu1 = cpu_of(pids);
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
         _ => "null".into(),
@@ -334,6 +376,36 @@ async fn handshakes(
         failures.load(Ordering::Relaxed),
         count as f64 / secs
     );
+}
+
+/// Opens idle tunnels up to each step and reports the processes' RSS after each, as JSON
+/// lines: memory per idle tunnel is (rss - baseline) / tunnels.
+async fn idle(url: &str, steps: &[u64], pids: &[u64]) {
+    let settle = || tokio::time::sleep(Duration::from_millis(1500));
+    settle().await;
+    let base = rss_kib(pids);
+    println!("{{\"tunnels\":0,\"rss_kib\":{base}}}");
+    let mut open = Vec::new();
+    for &step in steps {
+        while (open.len() as u64) < step {
+            let batch = (step - open.len() as u64).min(100);
+            let conns = (0..batch)
+                .map(|_| tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url)));
+            for r in futures_util::future::join_all(conns).await {
+                let (mut ws, _) = r.expect("connect in time").expect("connect");
+                // One echo so the tunnel has carried data, as real ones have.
+                ws.send(Message::text("hi")).await.expect("send");
+                ws.next().await.expect("echo").expect("echo");
+                open.push(ws);
+            }
+        }
+        settle().await;
+        let rss = rss_kib(pids);
+        println!(
+            "{{\"tunnels\":{step},\"rss_kib\":{rss},\"kib_per_tunnel\":{:.1}}}",
+            rss.saturating_sub(base) as f64 / step as f64
+        );
+    }
 }
 
 /// Any byte stream a WebSocket client can run over.
@@ -351,32 +423,34 @@ fn main() {
         Some("origin") => rt.block_on(origin(args.get(1).map_or("127.0.0.1:0", String::as_str))),
         Some("echo") => {
             let url = args.get(1).unwrap_or_else(|| usage());
-            let pid = args
-                .iter()
-                .any(|a| a == "--pid")
-                .then(|| flag(&args, "--pid", 0));
             rt.block_on(echo(
                 url,
                 flag(&args, "--conns", 16),
                 flag(&args, "--messages", 20_000),
                 flag(&args, "--size", 32),
-                pid,
+                flag(&args, "--window", 1),
+                &pids(&args),
             ))
+        }
+        Some("idle") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            let steps: Vec<u64> = text_flag(&args, "--steps")
+                .unwrap_or("1000,3000,9000")
+                .split(',')
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            rt.block_on(idle(url, &steps, &pids(&args)))
         }
         Some("stats-query") => stats_query(),
         Some("handshakes") => {
             let url = args.get(1).unwrap_or_else(|| usage());
-            let pid = args
-                .iter()
-                .any(|a| a == "--pid")
-                .then(|| flag(&args, "--pid", 0));
             rt.block_on(handshakes(
                 url,
                 text_flag(&args, "--host"),
                 text_flag(&args, "--ca"),
                 flag(&args, "--conns", 8),
                 flag(&args, "--count", 2000),
-                pid,
+                &pids(&args),
             ))
         }
         _ => usage(),
