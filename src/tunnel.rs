@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
-use tokio::time::{sleep_until, timeout};
+use tokio::time::timeout;
 
 /// Why a tunnel ended (DESIGN.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,7 +356,11 @@ async fn relay(
     up.write_timeout = Some(idle);
     up.maybe_upgrade_body_writer();
 
-    let mut deadline = tokio::time::Instant::now() + idle;
+    // One timer for both limits, armed once and moved only when it fires: traffic just
+    // records when it passed (a clock read per chunk, no timer registration).
+    let mut last_activity = tokio::time::Instant::now();
+    let timer = tokio::time::sleep_until((last_activity + idle).min(lifetime_end));
+    tokio::pin!(timer);
     let mut client_open = true;
     let site = guard.report.site.clone();
     let metrics = guard.report.metrics;
@@ -365,7 +369,7 @@ async fn relay(
             r = session.downstream_session.read_request_body(), if client_open => match r {
                 Ok(Some(b)) => {
                     guard.c2o.pass(&b, metrics, &site.bytes_c2o, &site.messages_c2o);
-                    deadline = tokio::time::Instant::now() + idle;
+                    last_activity = tokio::time::Instant::now();
                     if up.write_body(&b).await.is_err() {
                         break CloseReason::Error;
                     }
@@ -381,7 +385,7 @@ async fn relay(
             r = up.read_body_bytes() => match r {
                 Ok(Some(b)) => {
                     guard.o2c.pass(&b, metrics, &site.bytes_o2c, &site.messages_o2c);
-                    deadline = tokio::time::Instant::now() + idle;
+                    last_activity = tokio::time::Instant::now();
                     if session.downstream_session.write_response_body(b, false).await.is_err() {
                         break CloseReason::Error;
                     }
@@ -391,8 +395,17 @@ async fn relay(
                 Err(_) if client_open => break CloseReason::Error,
                 Err(_) => break CloseReason::ClientClosed,
             },
-            _ = sleep_until(deadline) => break CloseReason::IdleTimeout,
-            _ = sleep_until(lifetime_end) => break CloseReason::MaxLifetime,
+            _ = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if now >= lifetime_end {
+                    break CloseReason::MaxLifetime;
+                }
+                let idle_end = last_activity + idle;
+                if now >= idle_end {
+                    break CloseReason::IdleTimeout;
+                }
+                timer.as_mut().reset(idle_end.min(lifetime_end));
+            }
         }
     };
     let _ = session
