@@ -6,6 +6,7 @@
 //! by Pingora, within its keep-alive timeout between reads.
 
 use crate::config::ClientLimits;
+use crate::handshake::Reject;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -89,10 +90,6 @@ fn ambiguous_framing(head: &[u8]) -> bool {
     disagree || (te && length.is_some())
 }
 
-const AMBIGUOUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 66\r\nConnection: close\r\n\r\nThe request has conflicting Content-Length and Transfer-Encoding.\n";
-
-const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 33\r\nConnection: close\r\n\r\nThe request header is too large.\n";
-
 #[async_trait]
 impl<A> ServerApp for HeaderGuard<A>
 where
@@ -116,7 +113,9 @@ where
         {
             Ok(Ok(())) => {}
             Ok(Err(HeadError::TooLarge)) => {
-                let _ = stream.write_all(TOO_LARGE).await;
+                let _ = stream
+                    .write_all(&Reject::HeaderTooLarge.raw_response())
+                    .await;
                 let _ = stream.flush().await;
                 return None;
             }
@@ -130,7 +129,9 @@ where
             }
         }
         if ambiguous_framing(&buf) {
-            let _ = stream.write_all(AMBIGUOUS).await;
+            let _ = stream
+                .write_all(&Reject::AmbiguousFraming.raw_response())
+                .await;
             let _ = stream.flush().await;
             return None;
         }

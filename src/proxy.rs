@@ -122,7 +122,6 @@ impl EdgeProxy {
         };
         let report = Reporting {
             slot,
-            edge: self.stats.clone(),
             site: site.stats.clone(),
             log: self.log.clone(),
             metrics: self.metrics,
@@ -137,7 +136,7 @@ impl EdgeProxy {
             report,
         )
         .await?;
-        let (outcome_label, answer): (&str, Option<(u16, &'static str)>) = match outcome {
+        let (outcome, answer): (&str, Option<(u16, &'static str)>) = match outcome {
             Outcome::Unreachable => (
                 "origin_unreachable",
                 Some((502, "The origin could not be reached.\n")),
@@ -158,11 +157,12 @@ impl EdgeProxy {
                 ("origin_refused", None)
             }
             Outcome::Closed(_) => {
+                // Counted as an `ok` handshake when its 101 went out.
                 ctx.tunnel = true;
-                ("ok", None)
+                return Ok(());
             }
         };
-        site.stats.handshake(outcome_label);
+        site.stats.handshake(outcome);
         if let Some((status, body)) = answer {
             respond_text(session, status, body, true, &[]).await?;
         }
@@ -313,13 +313,6 @@ impl ProxyHttp for EdgeProxy {
                 respond(session, Reject::Misdirected, ctx.upgrade).await?;
                 return Ok(true);
             }
-        }
-        if handshake::ambiguous_framing(session.req_header()) {
-            if ctx.upgrade {
-                site.stats.handshake(Reject::AmbiguousFraming.outcome());
-            }
-            respond(session, Reject::AmbiguousFraming, true).await?;
-            return Ok(true);
         }
         if !ctx.upgrade {
             session.set_read_timeout(Some(HTTP_TIMEOUT));

@@ -9,8 +9,8 @@ use prometheus::{
     Registry,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The Prometheus metric families, registered in one registry.
@@ -122,7 +122,11 @@ pub struct ResourceStats {
     pub messages_o2c: IntCounter,
     tunnels_open: IntGauge,
     tunnel_seconds: Histogram,
-    opened: AtomicU64,
+    /// `wsedge_ws_handshakes_total{outcome="ok"}`, which is also "tunnels opened".
+    handshakes_ok: IntCounter,
+    /// `wsedge_http_responses_total` of the tracked codes, resolved on first use so a
+    /// request does not look up a label (or format its code) to count itself.
+    response_counters: [OnceLock<IntCounter>; TRACKED_CODES.len()],
     codes: [AtomicU64; CODE_SLOTS],
     windows: Mutex<Windows>,
     /// Slots and rate buckets, which like the counters outlive reloads.
@@ -135,7 +139,8 @@ impl ResourceStats {
         &self.name
     }
 
-    /// Counts an upgrade request's outcome (`ok` for a 101).
+    /// Counts a refused upgrade request's outcome (a 101 is counted by
+    /// [`Self::tunnel_opened`]).
     pub fn handshake(&self, outcome: &str) {
         self.families
             .handshakes
@@ -145,17 +150,24 @@ impl ResourceStats {
 
     /// Counts a response status sent to a client.
     pub fn response(&self, code: u16) {
+        let slot = code_slot(code);
+        match self.response_counters.get(slot) {
+            Some(cached) => cached.get_or_init(|| self.response_counter(code)).inc(),
+            None => self.response_counter(code).inc(),
+        }
+        self.codes[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn response_counter(&self, code: u16) -> IntCounter {
         self.families
             .http_responses
             .with_label_values(&[self.name.as_str(), &code.to_string()])
-            .inc();
-        self.codes[code_slot(code)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A tunnel opened.
+    /// A tunnel opened: its handshake succeeded.
     pub fn tunnel_opened(&self) {
         self.tunnels_open.inc();
-        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_ok.inc();
     }
 
     /// A tunnel closed after `seconds`.
@@ -176,7 +188,6 @@ pub struct EdgeStats {
     started: Instant,
     registry: Registry,
     families: Families,
-    tunnels_open: AtomicI64,
     resources: Mutex<HashMap<String, Arc<ResourceStats>>>,
 }
 
@@ -189,7 +200,6 @@ impl Default for EdgeStats {
             started: Instant::now(),
             registry,
             families,
-            tunnels_open: AtomicI64::new(0),
             resources: Mutex::default(),
         }
     }
@@ -211,7 +221,8 @@ impl EdgeStats {
                     tunnels_open: f.tunnels_open.with_label_values(&[name]),
                     tunnel_seconds: f.tunnel_seconds.with_label_values(&[name]),
                     families: f.clone(),
-                    opened: AtomicU64::new(0),
+                    handshakes_ok: f.handshakes.with_label_values(&[name, "ok"]),
+                    response_counters: Default::default(),
                     codes: Default::default(),
                     windows: Mutex::default(),
                     limits: Arc::default(),
@@ -220,19 +231,10 @@ impl EdgeStats {
             .clone()
     }
 
-    /// A tunnel opened anywhere.
-    pub fn tunnel_opened(&self) {
-        self.tunnels_open.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A tunnel closed anywhere.
-    pub fn tunnel_closed(&self) {
-        self.tunnels_open.fetch_sub(1, Ordering::Relaxed);
-    }
-
     /// Tunnels open now, all resources.
     pub fn tunnels_open(&self) -> i64 {
-        self.tunnels_open.load(Ordering::Relaxed)
+        let map = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|r| r.tunnels_open.get()).sum()
     }
 
     /// Counts a reload attempt.
@@ -282,7 +284,7 @@ impl EdgeStats {
             let sample = Sample {
                 c2o: r.bytes_c2o.get(),
                 o2c: r.bytes_o2c.get(),
-                opened: r.opened.load(Ordering::Relaxed),
+                opened: r.handshakes_ok.get(),
                 open: r.tunnels_open.get().max(0) as u64,
                 codes: std::array::from_fn(|i| r.codes[i].load(Ordering::Relaxed)),
             };

@@ -14,7 +14,7 @@ use crate::config::Resource;
 use crate::frames::FrameReader;
 use crate::limits::Slot;
 use crate::origin::{self, OriginGroup};
-use crate::stats::{EdgeStats, ResourceStats};
+use crate::stats::ResourceStats;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -105,8 +105,6 @@ pub struct TunnelInfo {
 pub struct Reporting {
     /// The resource's tunnel slot (`max_connections`), freed when the tunnel ends.
     pub slot: Slot,
-    /// Process-wide counters.
-    pub edge: Arc<EdgeStats>,
     /// The resource's counters.
     pub site: Arc<ResourceStats>,
     /// The access log.
@@ -160,7 +158,6 @@ struct TunnelGuard {
 
 impl TunnelGuard {
     fn new(info: TunnelInfo, report: Reporting, server: SocketAddr) -> TunnelGuard {
-        report.edge.tunnel_opened();
         report.site.tunnel_opened();
         TunnelGuard {
             info,
@@ -206,7 +203,6 @@ impl Drop for TunnelGuard {
     fn drop(&mut self) {
         let reason = self.reason.unwrap_or(CloseReason::Shutdown);
         let seconds = self.started.elapsed().as_secs_f64();
-        self.report.edge.tunnel_closed();
         self.report.site.tunnel_closed(reason, seconds);
         if !self.report.metrics {
             // Bytes were not added chunk by chunk: add them now.

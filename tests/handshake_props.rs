@@ -89,7 +89,6 @@ proptest! {
                 }
             }
         }
-        let _ = handshake::ambiguous_framing(&req);
         let _ = handshake::is_upgrade(&req);
     }
 }
