@@ -157,14 +157,20 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         })?;
     let proxy = EdgeProxy::new(table.clone(), stats.clone())
         .with_access_log(access_log)
-        .with_metrics(config.metrics);
+        .with_metrics(config.metrics)
+        .with_unbuffered_listeners(true);
     let app = listener::HeaderGuard::new(
         pingora::proxy::http_proxy(&server.configuration, proxy),
         config.client,
     );
     let mut service = pingora::services::listening::Service::new("wsedge".to_string(), app);
+    // Pingora puts a 64 KiB read buffer under every client connection by default. Nothing
+    // here reads in small pieces (the header guard, Pingora's parsers and the tunnel relay
+    // all read into buffers of their own), so it would only cost memory per connection.
+    let l4 = pingora::listeners::L4BufferSettings::default().read(0);
     for addr in &config.listen.http {
-        service.add_tcp(&addr.to_string());
+        service
+            .add_listener(pingora::listeners::ListenerConfig::tcp(addr.to_string()).l4_buffer(l4));
     }
     let resolver = Arc::new(tls::SniResolver::new(tls::CertTable::new(&config)));
     for addr in &config.listen.https {
@@ -175,7 +181,11 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         // h2 for plain requests; WebSocket upgrades stay on HTTP/1.1 (no RFC 8441), and
         // browsers open WebSockets on a connection of their own, offering http/1.1.
         settings.enable_h2();
-        service.add_tls_with_settings(&addr.to_string(), None, settings);
+        service.add_listener(
+            pingora::listeners::ListenerConfig::tcp(addr.to_string())
+                .tls(settings)
+                .l4_buffer(l4),
+        );
     }
     server.add_service(service);
 

@@ -5,9 +5,16 @@
 //! `proxy_h1` pipe. Pingora 0.9.1 tears a tunnel down when the origin's 101 is read before
 //! the upgrade request's own (empty) end of body has been handed to the upstream half
 //! (cloudflare/pingora#946): both halves run in one `select!`, which picks at random among
-//! ready branches, so the order depends on scheduling and no hook can fix it. Here one
-//! loop owns both sessions: there is no end-of-body message to misorder, the idle timer
-//! covers both directions (the heartbeat interval), and the close reason is known exactly.
+//! ready branches, so the order depends on scheduling and no hook can fix it.
+//!
+//! After the 101 the tunnel leaves Pingora: the client's stream is taken out of the
+//! session (with any bytes the session had already read), plain TCP sockets leave
+//! Pingora's stream wrapper, and the tunnel runs as one small task of its own ([`Tunnel`])
+//! while Pingora's request state is dropped. There is no end-of-body message to misorder,
+//! one timer covers both directions (the heartbeat interval) and the lifetime, the close
+//! reason is known exactly, and an idle tunnel holds no buffer: reads go into one buffer
+//! per worker thread and are written on at once; only bytes a destination cannot take yet
+//! are kept, by the tunnel that read them.
 
 use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
@@ -16,15 +23,26 @@ use crate::limits::Slot;
 use crate::origin::{self, OriginGroup};
 use crate::stats::ResourceStats;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as OriginSession;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use prometheus::IntCounter;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 /// Why a tunnel ended (DESIGN.md §4).
@@ -79,8 +97,9 @@ pub enum Outcome {
     HandshakeTimeout,
     /// The origin answered with something other than 101, which was passed on unchanged.
     Refused(u16),
-    /// A tunnel was open and has now ended (its guard logged it).
-    Closed(CloseReason),
+    /// The 101 went out and the tunnel runs as a task of its own (its guard logs it
+    /// when it ends).
+    Opened,
 }
 
 /// Who and what a tunnel is for, for its log line.
@@ -98,6 +117,9 @@ pub struct TunnelInfo {
     pub client_ip: Option<std::net::IpAddr>,
     /// Whether the client came over TLS.
     pub tls: bool,
+    /// Whether the client's socket may leave Pingora's stream wrapper once the tunnel is
+    /// open (the listener has no read buffer that could hold bytes).
+    pub detachable: bool,
 }
 
 /// Where a tunnel reports: the process-wide and the resource's counters, the access log,
@@ -249,9 +271,8 @@ pub async fn run(
     let mut tried = Vec::with_capacity(group.size());
     while let Some(server) = group.next(info.client_ip, &tried) {
         tried.push(server);
-        let peer = origin::peer(res, server, info.tls, &info.host);
-        match connector.get_http_session(&peer).await {
-            Ok((mut up, _reused)) => match up.write_request_header(Box::new(req.clone())).await {
+        match connect(res, server, &info, connector).await {
+            Ok(mut up) => match up.write_request_header(Box::new(req.clone())).await {
                 Ok(_) => {
                     conn = Some((up, server));
                     break;
@@ -302,11 +323,36 @@ pub async fn run(
     }
 
     session.write_response_header(resp, false).await?;
-    let mut guard = TunnelGuard::new(info, report, server);
-    let transport = relay(session, &mut up, &res.websocket, &mut guard).await;
-    let reason = guard.close_reason(transport);
-    guard.reason = Some(reason);
-    Ok(Outcome::Closed(reason))
+    let guard = TunnelGuard::new(info, report, server);
+    let Some((client, from_client)) = take_client(session) else {
+        // Upgrades only come over HTTP/1 (there is no RFC 8441 here): not reached.
+        let mut guard = guard;
+        guard.reason = Some(CloseReason::Error);
+        return Ok(Outcome::Opened);
+    };
+    up.read_timeout = None;
+    if let Some(plain) = up.stream().as_any().downcast_ref::<PlainOrigin>() {
+        // What the session holds is all there is to take now: no read from the socket.
+        plain.quiet.store(true, Ordering::Relaxed);
+    }
+    let from_origin = poll_preread(up.read_body_bytes());
+    let client = match guard.info.detachable {
+        true => Conn::detach(client),
+        false => Conn::Wrapped(client),
+    };
+    let origin = match PlainOrigin::into_tcp(up.into_inner()) {
+        Ok(tcp) => Conn::Tcp(tcp),
+        Err(stream) => Conn::detach(stream),
+    };
+    // The tunnel runs as a task of its own; Pingora's request state ends here.
+    tokio::spawn(Tunnel::new(
+        client,
+        origin,
+        &res.websocket,
+        guard,
+        [from_client, from_origin],
+    ));
+    Ok(Outcome::Opened)
 }
 
 /// Passes an origin's non-101 answer (header and body) to the client unchanged.
@@ -330,83 +376,557 @@ async fn pass_answer(
     session.write_response_body(None, true).await
 }
 
-/// Relays bytes both ways until one side closes or nothing moves for `idle`; counts the
-/// bytes in `guard` as they pass.
-async fn relay(
-    session: &mut Session,
-    up: &mut OriginSession,
-    ws: &crate::config::WebSocket,
-    guard: &mut TunnelGuard,
-) -> CloseReason {
-    let idle = ws.idle_timeout;
-    // Far enough to never fire when no lifetime is set (tokio caps deadlines anyway).
-    let lifetime_end = tokio::time::Instant::now()
-        + ws.max_lifetime
-            .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
-    // Our idle timer replaces the per-side read timeouts: a tunnel where only one side
-    // talks is not idle. Writes keep a timeout so a peer that stops reading cannot pin
-    // the tunnel forever.
-    session.set_read_timeout(None);
-    session.set_write_timeout(Some(idle));
-    up.read_timeout = None;
-    up.write_timeout = Some(idle);
-    up.maybe_upgrade_body_writer();
+/// A session to one origin server. Plain TCP origins are connected here (a socket,
+/// `TCP_NODELAY`, the resource's connect timeout) and wrapped in [`PlainOrigin`], so the
+/// socket comes back out bare after a 101; TLS origins go through Pingora's connector
+/// (verification, SNI, CA).
+async fn connect(
+    res: &Resource,
+    server: SocketAddr,
+    info: &TunnelInfo,
+    connector: &Connector,
+) -> Result<OriginSession, String> {
+    if origin::uses_tls(res.origin.protocol, info.tls) {
+        let peer = origin::peer(res, server, info.tls, &info.host);
+        return match connector.get_http_session(&peer).await {
+            Ok((up, _reused)) => Ok(up),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let limit = res.origin.connect_timeout;
+    let tcp = match timeout(limit, TcpStream::connect(server)).await {
+        Err(_) => return Err(format!("connect timed out after {limit:?}")),
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Ok(Ok(tcp)) => tcp,
+    };
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    Ok(OriginSession::new(Box::new(PlainOrigin {
+        tcp,
+        quiet: AtomicBool::new(false),
+    })))
+}
 
-    // One timer for both limits, armed once and moved only when it fires: traffic just
-    // records when it passed (a clock read per chunk, no timer registration).
-    let mut last_activity = tokio::time::Instant::now();
-    let timer = tokio::time::sleep_until((last_activity + idle).min(lifetime_end));
-    tokio::pin!(timer);
-    let mut client_open = true;
-    let site = guard.report.site.clone();
-    let metrics = guard.report.metrics;
-    let reason = loop {
-        tokio::select! {
-            r = session.downstream_session.read_request_body(), if client_open => match r {
-                Ok(Some(b)) => {
-                    guard.c2o.pass(&b, metrics, &site.bytes_c2o, &site.messages_c2o);
-                    last_activity = tokio::time::Instant::now();
-                    if up.write_body(&b).await.is_err() {
-                        break CloseReason::Error;
-                    }
-                }
-                Ok(None) => {
-                    // The client is done sending; the origin may still answer (its Close
-                    // frame): half-close towards it and keep relaying its side.
-                    client_open = false;
-                    up.shutdown().await;
-                }
-                Err(_) => break CloseReason::Error,
-            },
-            r = up.read_body_bytes() => match r {
-                Ok(Some(b)) => {
-                    guard.o2c.pass(&b, metrics, &site.bytes_o2c, &site.messages_o2c);
-                    last_activity = tokio::time::Instant::now();
-                    if session.downstream_session.write_response_body(b, false).await.is_err() {
-                        break CloseReason::Error;
-                    }
-                }
-                Ok(None) if client_open => break CloseReason::OriginClosed,
-                Ok(None) => break CloseReason::ClientClosed,
-                Err(_) if client_open => break CloseReason::Error,
-                Err(_) => break CloseReason::ClientClosed,
-            },
-            _ = &mut timer => {
-                let now = tokio::time::Instant::now();
-                if now >= lifetime_end {
-                    break CloseReason::MaxLifetime;
-                }
-                let idle_end = last_activity + idle;
-                if now >= idle_end {
-                    break CloseReason::IdleTimeout;
-                }
-                timer.as_mut().reset(idle_end.min(lifetime_end));
+/// A plain TCP connection to an origin, as Pingora's HTTP/1 client session's stream.
+#[derive(Debug)]
+struct PlainOrigin {
+    tcp: TcpStream,
+    /// Once set, reads return Pending without touching the socket: polling the session
+    /// for bytes it already holds then costs no system call.
+    quiet: AtomicBool,
+}
+
+impl PlainOrigin {
+    /// The socket back out of a session's stream, if it is a `PlainOrigin`.
+    fn into_tcp(stream: Stream) -> Result<TcpStream, Stream> {
+        if !stream.as_any().is::<PlainOrigin>() {
+            return Err(stream);
+        }
+        match stream.into_any().downcast::<PlainOrigin>() {
+            Ok(plain) => Ok(plain.tcp),
+            Err(_) => unreachable!("checked to be a PlainOrigin"),
+        }
+    }
+}
+
+impl AsyncRead for PlainOrigin {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.quiet.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainOrigin {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for PlainOrigin {
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::shutdown(&mut self.tcp).await;
+    }
+}
+
+impl pingora::protocols::UniqueID for PlainOrigin {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.tcp.as_raw_fd()
+    }
+}
+
+impl pingora::protocols::Ssl for PlainOrigin {}
+
+impl pingora::protocols::GetTimingDigest for PlainOrigin {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for PlainOrigin {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        None
+    }
+}
+
+impl pingora::protocols::GetSocketDigest for PlainOrigin {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Peek for PlainOrigin {}
+
+/// Takes the client's connection out of the Pingora session after the 101 was written,
+/// with any bytes the client sent after its request that the session had already read.
+/// The session is left with an empty stand-in (nothing to reuse): Pingora's per-request
+/// state is dropped when `request_filter` returns, so an open tunnel holds only its two
+/// connections and its accounting.
+fn take_client(session: &mut Session) -> Option<(Stream, Option<Bytes>)> {
+    let stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::<u8>::new())));
+    match std::mem::replace(&mut *session.downstream_session, stand_in) {
+        ServerSession::H1(mut h1) => {
+            h1.set_read_timeout(None);
+            let early = poll_preread(h1.read_body_bytes());
+            Some((h1.into_inner(), early))
+        }
+        other => {
+            *session.downstream_session = other;
+            None
+        }
+    }
+}
+
+/// Bytes a session read past an HTTP header (after a 101 its body reader passes
+/// everything through): polled once, so it returns what is buffered, or what the socket
+/// already holds, and never waits. A pending read is dropped before it read anything.
+fn poll_preread<F>(read: F) -> Option<Bytes>
+where
+    F: Future<Output = pingora::Result<Option<Bytes>>>,
+{
+    match read.now_or_never() {
+        Some(Ok(Some(bytes))) if !bytes.is_empty() => Some(bytes),
+        _ => None,
+    }
+}
+
+/// One end of a tunnel: a plain TCP socket taken out of Pingora's stream wrapper, or the
+/// wrapper itself (TLS, or a stream that may still buffer bytes).
+enum Conn {
+    Tcp(TcpStream),
+    Wrapped(Stream),
+}
+
+impl Conn {
+    /// A plain TCP connection leaves Pingora's wrapper (its struct, socket digest and
+    /// write buffer, about 0.9 KiB a connection): the socket is duplicated and the wrapper
+    /// dropped, which closes only its own descriptor. Only for streams with no read
+    /// buffer (wsedge's listeners and Pingora's connector make none) and nothing left to
+    /// flush, so no byte stays behind in the wrapper.
+    fn detach(mut stream: Stream) -> Conn {
+        if !stream.as_any().is::<L4Stream>()
+            || !matches!(stream.flush().now_or_never(), Some(Ok(())))
+        {
+            return Conn::Wrapped(stream);
+        }
+        let fd = stream
+            .as_any()
+            .downcast_ref::<L4Stream>()
+            .map(|s| s.as_raw_fd());
+        let Some(fd) = fd else {
+            return Conn::Wrapped(stream);
+        };
+        // SAFETY: `fd` is the open socket owned by `stream`; `dup` only reads it. The
+        // duplicate is a new descriptor that nothing else owns, so `OwnedFd` may close it.
+        let dup = unsafe { libc::dup(fd) };
+        if dup < 0 {
+            return Conn::Wrapped(stream);
+        }
+        // SAFETY: `dup` is valid (checked above) and owned by nobody else.
+        let std = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(dup) });
+        // The duplicate shares the socket's non-blocking flag; drop the wrapper (and its
+        // registration with the reactor) before registering the duplicate.
+        drop(stream);
+        match TcpStream::from_std(std) {
+            Ok(tcp) => Conn::Tcp(tcp),
+            Err(e) => {
+                log::warn!("tunnel: re-registering a socket: {e}");
+                // `std` is gone with the error: the connection is closed, the relay
+                // sees it as a failed read.
+                Conn::Wrapped(Box::new(std::io::Cursor::new(Vec::<u8>::new())))
             }
         }
-    };
-    let _ = session
-        .downstream_session
-        .write_response_body(Bytes::new(), true)
-        .await;
-    reason
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Wrapped(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Wrapped(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Wrapped(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Wrapped(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The relay's read buffer: one per worker thread, lent to a tunnel only for the span of
+/// one read and the write that follows it. A tunnel keeps bytes of its own only when the
+/// destination cannot take them right away, so an idle tunnel holds no buffer at all.
+const RELAY_BUF: usize = 256 * 1024;
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; RELAY_BUF].into_boxed_slice());
+}
+
+/// Reads and writes per direction before yielding to other tasks.
+const ROUNDS: usize = 16;
+
+/// How long a closing tunnel waits for the client to take its FIN (and TLS close_notify).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// How one direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Eof,
+    ReadError,
+    WriteError,
+}
+
+/// One direction: bytes read but not yet taken by the destination.
+#[derive(Default)]
+struct Half {
+    /// Bytes the destination pushed back (empty, unallocated, almost always).
+    pending: Vec<u8>,
+    written: usize,
+    /// A write went out that the stream may still hold (TLS records): flush before more.
+    flush: bool,
+    /// Since when `pending` has been waiting.
+    stalled_since: Option<tokio::time::Instant>,
+    /// The source ended; the destination was (or is being) shut down for writing.
+    eof: bool,
+    shut: bool,
+}
+
+/// Counters one direction reports into.
+struct Counters<'a> {
+    metrics: bool,
+    bytes: &'a IntCounter,
+    messages: &'a IntCounter,
+}
+
+impl Half {
+    /// Moves bytes from `src` to `dst` until either blocks; `moved` is set when any were
+    /// read. Ready means this direction ended.
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Conn,
+        dst: &mut Conn,
+        acct: &mut Direction,
+        counters: &Counters<'_>,
+        moved: &mut bool,
+    ) -> Poll<End> {
+        for _ in 0..ROUNDS {
+            // What the destination pushed back goes first, then a flush.
+            while self.written < self.pending.len() {
+                match Pin::new(&mut *dst).poll_write(cx, &self.pending[self.written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.written += n,
+                    Poll::Ready(_) => return Poll::Ready(End::WriteError),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.written = 0;
+                self.stalled_since = None;
+                self.flush = true;
+            }
+            if self.flush {
+                match Pin::new(&mut *dst).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(End::WriteError),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let step = READ_BUF.with_borrow_mut(|buf| {
+                let mut read = ReadBuf::new(buf);
+                match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(_)) => Poll::Ready(Some(End::ReadError)),
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Some(End::Eof)),
+                    Poll::Ready(Ok(())) => {
+                        let chunk = read.filled();
+                        acct.pass(chunk, counters.metrics, counters.bytes, counters.messages);
+                        *moved = true;
+                        Poll::Ready(self.write_now(cx, dst, chunk).err())
+                    }
+                }
+            });
+            match step {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(end)) => return Poll::Ready(end),
+                Poll::Ready(None) => {}
+            }
+        }
+        // Busy: let other tunnels run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Writes a chunk just read; what the destination does not take now is kept.
+    fn write_now(&mut self, cx: &mut Context<'_>, dst: &mut Conn, chunk: &[u8]) -> Result<(), End> {
+        let mut done = 0;
+        while done < chunk.len() {
+            match Pin::new(&mut *dst).poll_write(cx, &chunk[done..]) {
+                Poll::Ready(Ok(n)) if n > 0 => done += n,
+                Poll::Ready(_) => return Err(End::WriteError),
+                Poll::Pending => {
+                    self.keep(&chunk[done..]);
+                    return Ok(());
+                }
+            }
+        }
+        self.flush = true;
+        Ok(())
+    }
+
+    /// Keeps bytes for later (the destination is full).
+    fn keep(&mut self, rest: &[u8]) {
+        self.pending.extend_from_slice(rest);
+        self.stalled_since = Some(tokio::time::Instant::now());
+    }
+}
+
+/// An open tunnel, as one task: relays bytes both ways until one side ends, nothing moves
+/// for the idle timeout, a destination takes nothing for that long, or the lifetime is
+/// reached; then sends the client its FIN. Both directions and the one timer are polled
+/// from this single future, and its guard logs the tunnel when the task ends.
+struct Tunnel {
+    client: Conn,
+    origin: Conn,
+    guard: TunnelGuard,
+    c2o: Half,
+    o2c: Half,
+    idle: Duration,
+    lifetime_end: tokio::time::Instant,
+    last_activity: tokio::time::Instant,
+    /// Armed once and moved only when it fires: traffic just records the time.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Set once the relay ended: the FIN to the client is on its way.
+    closing: bool,
+}
+
+impl Tunnel {
+    fn new(
+        client: Conn,
+        origin: Conn,
+        ws: &crate::config::WebSocket,
+        guard: TunnelGuard,
+        early: [Option<Bytes>; 2],
+    ) -> Tunnel {
+        let now = tokio::time::Instant::now();
+        let idle = ws.idle_timeout;
+        // Far enough to never fire when no lifetime is set (tokio caps deadlines anyway).
+        let lifetime_end = now
+            + ws.max_lifetime
+                .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+        let mut tunnel = Tunnel {
+            client,
+            origin,
+            guard,
+            c2o: Half::default(),
+            o2c: Half::default(),
+            idle,
+            lifetime_end,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until((now + idle).min(lifetime_end))),
+            closing: false,
+        };
+        // Bytes that came with the handshake go first, counted like any other.
+        let [from_client, from_origin] = early;
+        let site = tunnel.guard.report.site.clone();
+        let metrics = tunnel.guard.report.metrics;
+        if let Some(b) = from_client {
+            tunnel
+                .guard
+                .c2o
+                .pass(&b, metrics, &site.bytes_c2o, &site.messages_c2o);
+            tunnel.c2o.keep(&b);
+        }
+        if let Some(b) = from_origin {
+            tunnel
+                .guard
+                .o2c
+                .pass(&b, metrics, &site.bytes_o2c, &site.messages_o2c);
+            tunnel.o2c.keep(&b);
+        }
+        tunnel
+    }
+
+    /// Moves bytes both ways; Ready with the transport's reason when the relay is over.
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let site = &self.guard.report.site;
+        let metrics = self.guard.report.metrics;
+        let mut moved = false;
+        if !self.c2o.eof {
+            let counters = Counters {
+                metrics,
+                bytes: &site.bytes_c2o,
+                messages: &site.messages_c2o,
+            };
+            match self.c2o.poll_move(
+                cx,
+                &mut self.client,
+                &mut self.origin,
+                &mut self.guard.c2o,
+                &counters,
+                &mut moved,
+            ) {
+                Poll::Pending => {}
+                // The client is done sending; the origin may still answer (its Close
+                // frame): half-close towards it and keep relaying its side.
+                Poll::Ready(End::Eof) => self.c2o.eof = true,
+                Poll::Ready(_) => return Poll::Ready(CloseReason::Error),
+            }
+        }
+        if self.c2o.eof && !self.c2o.shut {
+            if let Poll::Ready(r) = Pin::new(&mut self.origin).poll_shutdown(cx) {
+                self.c2o.shut = true;
+                if r.is_err() {
+                    return Poll::Ready(CloseReason::ClientClosed);
+                }
+            }
+        }
+        let counters = Counters {
+            metrics,
+            bytes: &site.bytes_o2c,
+            messages: &site.messages_o2c,
+        };
+        let client_open = !self.c2o.eof;
+        let o2c = self.o2c.poll_move(
+            cx,
+            &mut self.origin,
+            &mut self.client,
+            &mut self.guard.o2c,
+            &counters,
+            &mut moved,
+        );
+        if moved {
+            self.last_activity = tokio::time::Instant::now();
+        }
+        match o2c {
+            Poll::Pending => self.poll_limits(cx),
+            Poll::Ready(End::Eof) if client_open => Poll::Ready(CloseReason::OriginClosed),
+            Poll::Ready(End::Eof) => Poll::Ready(CloseReason::ClientClosed),
+            Poll::Ready(End::ReadError) if client_open => Poll::Ready(CloseReason::Error),
+            Poll::Ready(End::ReadError) => Poll::Ready(CloseReason::ClientClosed),
+            Poll::Ready(End::WriteError) => Poll::Ready(CloseReason::Error),
+        }
+    }
+
+    /// When the timer fires: whether a limit was reached, else the timer is moved on.
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            if now >= self.lifetime_end {
+                return Poll::Ready(CloseReason::MaxLifetime);
+            }
+            let idle_end = self.last_activity + self.idle;
+            if now >= idle_end {
+                return Poll::Ready(CloseReason::IdleTimeout);
+            }
+            // A destination that takes nothing for the idle timeout is as good as gone,
+            // even while the other direction talks.
+            let mut next = idle_end.min(self.lifetime_end);
+            for stalled in [self.c2o.stalled_since, self.o2c.stalled_since]
+                .into_iter()
+                .flatten()
+            {
+                if now >= stalled + self.idle {
+                    return Poll::Ready(CloseReason::Error);
+                }
+                next = next.min(stalled + self.idle);
+            }
+            self.timer.as_mut().reset(next);
+        }
+        Poll::Pending
+    }
+}
+
+impl Future for Tunnel {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if !this.closing {
+            let Poll::Ready(transport) = this.poll_relay(cx) else {
+                return Poll::Pending;
+            };
+            this.guard.reason = Some(this.guard.close_reason(transport));
+            this.closing = true;
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + CLOSE_WAIT);
+        }
+        // A TLS client gets its close_notify and FIN, bounded: it may have stopped reading.
+        // A bare socket's FIN comes with its close, when the task ends.
+        if matches!(this.client, Conn::Tcp(_))
+            || Pin::new(&mut this.client).poll_shutdown(cx).is_ready()
+            || this.timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
