@@ -5,11 +5,14 @@
 //! wsload echo ws://127.0.0.1:8080/ws --conns 16 --messages 20000 --size 32 --pid 1234
 //! wsload stats-query                                    # /stats rendering time, 366 daily buckets
 //! wsload handshakes wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --conns 8 --count 3000 --pid 1234
+//! wsload relay 127.0.0.1:0 127.0.0.1:9100 --threads 2   # the benchmark's floor: a bare TCP relay
 //! ```
 //!
 //! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
 //! measured process's own utime+stime in /proc, steadier than wall time on a shared
 //! machine.
+
+mod relay;
 
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
     std::process::exit(2)
 }
 
@@ -414,6 +417,12 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("relay") {
+        // Threads of its own; no tokio runtime.
+        let listen = args.get(1).unwrap_or_else(|| usage());
+        let origin = args.get(2).unwrap_or_else(|| usage());
+        return relay::run(listen, origin, flag(&args, "--threads", 2));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
