@@ -331,18 +331,14 @@ pub async fn run(
         return Ok(Outcome::Opened);
     };
     up.read_timeout = None;
-    if let Some(plain) = up.stream().as_any().downcast_ref::<PlainOrigin>() {
-        // What the session holds is all there is to take now: no read from the socket.
-        plain.quiet.store(true, Ordering::Relaxed);
-    }
+    // What the session holds is all there is to take now: no read from the socket.
+    BareTcp::set_quiet(up.stream(), true);
     let from_origin = poll_preread(up.read_body_bytes());
+    let origin = up.into_inner();
+    BareTcp::set_quiet(&origin, false);
     let client = match guard.info.detachable {
-        true => Conn::detach(client),
-        false => Conn::Wrapped(client),
-    };
-    let origin = match PlainOrigin::into_tcp(up.into_inner()) {
-        Ok(tcp) => Conn::Tcp(tcp),
-        Err(stream) => Conn::detach(stream),
+        true => detach(client),
+        false => client,
     };
     // The tunnel runs as a task of its own; Pingora's request state ends here.
     tokio::spawn(Tunnel::new(
@@ -377,8 +373,8 @@ async fn pass_answer(
 }
 
 /// A session to one origin server. Plain TCP origins are connected here (a socket,
-/// `TCP_NODELAY`, the resource's connect timeout) and wrapped in [`PlainOrigin`], so the
-/// socket comes back out bare after a 101; TLS origins go through Pingora's connector
+/// `TCP_NODELAY`, the resource's connect timeout) as a [`BareTcp`], which the tunnel
+/// keeps after a 101; TLS origins go through Pingora's connector
 /// (verification, SNI, CA).
 async fn connect(
     res: &Resource,
@@ -401,35 +397,37 @@ async fn connect(
     };
     tcp.set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    Ok(OriginSession::new(Box::new(PlainOrigin {
-        tcp,
-        quiet: AtomicBool::new(false),
-    })))
+    Ok(OriginSession::new(Box::new(BareTcp::new(tcp))))
 }
 
-/// A plain TCP connection to an origin, as Pingora's HTTP/1 client session's stream.
+/// A plain TCP socket as a Pingora stream, without Pingora's L4 wrapper (its socket
+/// digest and buffers): the origins wsedge connects itself, and client sockets a tunnel
+/// took out of that wrapper ([`detach`]).
 #[derive(Debug)]
-struct PlainOrigin {
+struct BareTcp {
     tcp: TcpStream,
-    /// Once set, reads return Pending without touching the socket: polling the session
+    /// Once set, reads return Pending without touching the socket: polling a session
     /// for bytes it already holds then costs no system call.
     quiet: AtomicBool,
 }
 
-impl PlainOrigin {
-    /// The socket back out of a session's stream, if it is a `PlainOrigin`.
-    fn into_tcp(stream: Stream) -> Result<TcpStream, Stream> {
-        if !stream.as_any().is::<PlainOrigin>() {
-            return Err(stream);
+impl BareTcp {
+    fn new(tcp: TcpStream) -> BareTcp {
+        BareTcp {
+            tcp,
+            quiet: AtomicBool::new(false),
         }
-        match stream.into_any().downcast::<PlainOrigin>() {
-            Ok(plain) => Ok(plain.tcp),
-            Err(_) => unreachable!("checked to be a PlainOrigin"),
+    }
+
+    /// Sets `quiet` if `stream` is a `BareTcp` (a TLS stream has no such switch).
+    fn set_quiet(stream: &Stream, quiet: bool) {
+        if let Some(bare) = stream.as_any().downcast_ref::<BareTcp>() {
+            bare.quiet.store(quiet, Ordering::Relaxed);
         }
     }
 }
 
-impl AsyncRead for PlainOrigin {
+impl AsyncRead for BareTcp {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -443,7 +441,7 @@ impl AsyncRead for PlainOrigin {
     }
 }
 
-impl AsyncWrite for PlainOrigin {
+impl AsyncWrite for BareTcp {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -462,40 +460,40 @@ impl AsyncWrite for PlainOrigin {
 }
 
 #[async_trait::async_trait]
-impl pingora::protocols::Shutdown for PlainOrigin {
+impl pingora::protocols::Shutdown for BareTcp {
     async fn shutdown(&mut self) {
         let _ = AsyncWriteExt::shutdown(&mut self.tcp).await;
     }
 }
 
-impl pingora::protocols::UniqueID for PlainOrigin {
+impl pingora::protocols::UniqueID for BareTcp {
     fn id(&self) -> pingora::protocols::UniqueIDType {
         self.tcp.as_raw_fd()
     }
 }
 
-impl pingora::protocols::Ssl for PlainOrigin {}
+impl pingora::protocols::Ssl for BareTcp {}
 
-impl pingora::protocols::GetTimingDigest for PlainOrigin {
+impl pingora::protocols::GetTimingDigest for BareTcp {
     fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
         Vec::new()
     }
 }
 
-impl pingora::protocols::GetProxyDigest for PlainOrigin {
+impl pingora::protocols::GetProxyDigest for BareTcp {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
         None
     }
 }
 
-impl pingora::protocols::GetSocketDigest for PlainOrigin {
+impl pingora::protocols::GetSocketDigest for BareTcp {
     fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
         None
     }
 }
 
 #[async_trait::async_trait]
-impl pingora::protocols::Peek for PlainOrigin {}
+impl pingora::protocols::Peek for BareTcp {}
 
 /// Takes the client's connection out of the Pingora session after the 101 was written,
 /// with any bytes the client sent after its request that the session had already read.
@@ -530,91 +528,40 @@ where
     }
 }
 
-/// One end of a tunnel: a plain TCP socket taken out of Pingora's stream wrapper, or the
-/// wrapper itself (TLS, or a stream that may still buffer bytes).
-enum Conn {
-    Tcp(TcpStream),
-    Wrapped(Stream),
-}
-
-impl Conn {
-    /// A plain TCP connection leaves Pingora's wrapper (its struct, socket digest and
-    /// write buffer, about 0.9 KiB a connection): the socket is duplicated and the wrapper
-    /// dropped, which closes only its own descriptor. Only for streams with no read
-    /// buffer (wsedge's listeners and Pingora's connector make none) and nothing left to
-    /// flush, so no byte stays behind in the wrapper.
-    fn detach(mut stream: Stream) -> Conn {
-        if !stream.as_any().is::<L4Stream>()
-            || !matches!(stream.flush().now_or_never(), Some(Ok(())))
-        {
-            return Conn::Wrapped(stream);
-        }
-        let fd = stream
-            .as_any()
-            .downcast_ref::<L4Stream>()
-            .map(|s| s.as_raw_fd());
-        let Some(fd) = fd else {
-            return Conn::Wrapped(stream);
-        };
-        // SAFETY: `fd` is the open socket owned by `stream`; `dup` only reads it. The
-        // duplicate is a new descriptor that nothing else owns, so `OwnedFd` may close it.
-        let dup = unsafe { libc::dup(fd) };
-        if dup < 0 {
-            return Conn::Wrapped(stream);
-        }
-        // SAFETY: `dup` is valid (checked above) and owned by nobody else.
-        let std = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(dup) });
-        // The duplicate shares the socket's non-blocking flag; drop the wrapper (and its
-        // registration with the reactor) before registering the duplicate.
-        drop(stream);
-        match TcpStream::from_std(std) {
-            Ok(tcp) => Conn::Tcp(tcp),
-            Err(e) => {
-                log::warn!("tunnel: re-registering a socket: {e}");
-                // `std` is gone with the error: the connection is closed, the relay
-                // sees it as a failed read.
-                Conn::Wrapped(Box::new(std::io::Cursor::new(Vec::<u8>::new())))
-            }
-        }
+/// A plain TCP client connection leaves Pingora's L4 wrapper (its struct, socket digest
+/// and write buffer, about 0.9 KiB a connection) for a [`BareTcp`]: the socket is
+/// duplicated and the wrapper dropped, which closes only its own descriptor. Only for
+/// streams with no read buffer (wsedge's listeners make none) and nothing left to flush,
+/// so no byte stays behind in the wrapper; anything else (TLS) is returned as it is.
+fn detach(mut stream: Stream) -> Stream {
+    if !stream.as_any().is::<L4Stream>() || !matches!(stream.flush().now_or_never(), Some(Ok(()))) {
+        return stream;
     }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Wrapped(s) => Pin::new(s).poll_read(cx, buf),
-        }
+    let fd = stream
+        .as_any()
+        .downcast_ref::<L4Stream>()
+        .map(|s| s.as_raw_fd());
+    let Some(fd) = fd else {
+        return stream;
+    };
+    // SAFETY: `fd` is the open socket owned by `stream`; `dup` only reads it. The
+    // duplicate is a new descriptor that nothing else owns, so `OwnedFd` may close it.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return stream;
     }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Wrapped(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Conn::Wrapped(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Wrapped(s) => Pin::new(s).poll_shutdown(cx),
+    // SAFETY: `dup` is valid (checked above) and owned by nobody else.
+    let std = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(dup) });
+    // The duplicate shares the socket's non-blocking flag; drop the wrapper (and its
+    // registration with the reactor) before registering the duplicate.
+    drop(stream);
+    match TcpStream::from_std(std) {
+        Ok(tcp) => Box::new(BareTcp::new(tcp)),
+        Err(e) => {
+            log::warn!("tunnel: re-registering a socket: {e}");
+            // `std` is gone with the error: the connection is closed, the relay sees it
+            // as a failed read.
+            Box::new(std::io::Cursor::new(Vec::<u8>::new()))
         }
     }
 }
@@ -653,9 +600,6 @@ struct Half {
     flush: bool,
     /// Since when `pending` has been waiting.
     stalled_since: Option<tokio::time::Instant>,
-    /// The source ended; the destination was (or is being) shut down for writing.
-    eof: bool,
-    shut: bool,
 }
 
 /// Counters one direction reports into.
@@ -671,8 +615,8 @@ impl Half {
     fn poll_move(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut Conn,
-        dst: &mut Conn,
+        src: &mut Stream,
+        dst: &mut Stream,
         acct: &mut Direction,
         counters: &Counters<'_>,
         moved: &mut bool,
@@ -725,7 +669,12 @@ impl Half {
     }
 
     /// Writes a chunk just read; what the destination does not take now is kept.
-    fn write_now(&mut self, cx: &mut Context<'_>, dst: &mut Conn, chunk: &[u8]) -> Result<(), End> {
+    fn write_now(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut Stream,
+        chunk: &[u8],
+    ) -> Result<(), End> {
         let mut done = 0;
         while done < chunk.len() {
             match Pin::new(&mut *dst).poll_write(cx, &chunk[done..]) {
@@ -753,8 +702,8 @@ impl Half {
 /// reached; then sends the client its FIN. Both directions and the one timer are polled
 /// from this single future, and its guard logs the tunnel when the task ends.
 struct Tunnel {
-    client: Conn,
-    origin: Conn,
+    client: Stream,
+    origin: Stream,
     guard: TunnelGuard,
     c2o: Half,
     o2c: Half,
@@ -763,14 +712,18 @@ struct Tunnel {
     last_activity: tokio::time::Instant,
     /// Armed once and moved only when it fires: traffic just records the time.
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The client is done sending; the origin was (`origin_shut`) or is being shut down
+    /// for writing.
+    client_eof: bool,
+    origin_shut: bool,
     /// Set once the relay ended: the FIN to the client is on its way.
     closing: bool,
 }
 
 impl Tunnel {
     fn new(
-        client: Conn,
-        origin: Conn,
+        client: Stream,
+        origin: Stream,
         ws: &crate::config::WebSocket,
         guard: TunnelGuard,
         early: [Option<Bytes>; 2],
@@ -791,6 +744,8 @@ impl Tunnel {
             lifetime_end,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until((now + idle).min(lifetime_end))),
+            client_eof: false,
+            origin_shut: false,
             closing: false,
         };
         // Bytes that came with the handshake go first, counted like any other.
@@ -819,7 +774,7 @@ impl Tunnel {
         let site = &self.guard.report.site;
         let metrics = self.guard.report.metrics;
         let mut moved = false;
-        if !self.c2o.eof {
+        if !self.client_eof {
             let counters = Counters {
                 metrics,
                 bytes: &site.bytes_c2o,
@@ -836,13 +791,13 @@ impl Tunnel {
                 Poll::Pending => {}
                 // The client is done sending; the origin may still answer (its Close
                 // frame): half-close towards it and keep relaying its side.
-                Poll::Ready(End::Eof) => self.c2o.eof = true,
+                Poll::Ready(End::Eof) => self.client_eof = true,
                 Poll::Ready(_) => return Poll::Ready(CloseReason::Error),
             }
         }
-        if self.c2o.eof && !self.c2o.shut {
+        if self.client_eof && !self.origin_shut {
             if let Poll::Ready(r) = Pin::new(&mut self.origin).poll_shutdown(cx) {
-                self.c2o.shut = true;
+                self.origin_shut = true;
                 if r.is_err() {
                     return Poll::Ready(CloseReason::ClientClosed);
                 }
@@ -853,7 +808,7 @@ impl Tunnel {
             bytes: &site.bytes_o2c,
             messages: &site.messages_o2c,
         };
-        let client_open = !self.c2o.eof;
+        let client_open = !self.client_eof;
         let o2c = self.o2c.poll_move(
             cx,
             &mut self.origin,
@@ -921,7 +876,7 @@ impl Future for Tunnel {
         }
         // A TLS client gets its close_notify and FIN, bounded: it may have stopped reading.
         // A bare socket's FIN comes with its close, when the task ends.
-        if matches!(this.client, Conn::Tcp(_))
+        if this.client.as_any().is::<BareTcp>()
             || Pin::new(&mut this.client).poll_shutdown(cx).is_ready()
             || this.timer.as_mut().poll(cx).is_ready()
         {

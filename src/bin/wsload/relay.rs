@@ -127,11 +127,8 @@ impl Pair {
     }
 }
 
-/// What became of a connection after an event.
-enum Step {
-    Open,
-    Close,
-}
+/// The pair is to be closed (an error, a reset, or both directions done).
+struct Close;
 
 struct Worker {
     epoll: OwnedFd,
@@ -212,7 +209,7 @@ impl Worker {
             return; // closed earlier in this batch of events
         };
         match self.step(&mut pair, side, events) {
-            Step::Open => {
+            Ok(()) => {
                 for s in [CLIENT, ORIGIN] {
                     let want = pair.wants(s);
                     if want != pair.interest[s] {
@@ -225,11 +222,11 @@ impl Worker {
                 self.pairs[slot] = Some(pair);
             }
             // Closing the fds removes them from the epoll set.
-            Step::Close => self.free.push(slot),
+            Err(Close) => self.free.push(slot),
         }
     }
 
-    fn step(&mut self, pair: &mut Pair, side: usize, events: u32) -> Step {
+    fn step(&mut self, pair: &mut Pair, side: usize, events: u32) -> Result<(), Close> {
         let err = events & (libc::EPOLLERR as u32) != 0;
         let hup = events & (libc::EPOLLHUP as u32) != 0;
         if side == ORIGIN && !pair.connected {
@@ -246,46 +243,39 @@ impl Worker {
                 );
             }
             if e != 0 || err {
-                return Step::Close;
+                return Err(Close);
             }
             pair.connected = true;
             if pair.read_done[CLIENT] && pair.pending[ORIGIN].is_empty() {
-                // SAFETY: the fd is open.
-                unsafe { libc::shutdown(pair.fds[ORIGIN].as_raw_fd(), libc::SHUT_WR) };
+                shut_write(&pair.fds[ORIGIN]);
             }
         }
         if err {
-            return Step::Close;
+            return Err(Close);
         }
         if events & (libc::EPOLLOUT as u32) != 0 && !pair.pending[side].is_empty() {
-            if let Step::Close = flush(pair, side) {
-                return Step::Close;
-            }
+            flush(pair, side)?;
         }
         let readable = events & (libc::EPOLLIN as u32) != 0 || hup;
         if readable && pair.wants(side) & (libc::EPOLLIN as u32) != 0 {
-            if let Step::Close = self.read(pair, side) {
-                return Step::Close;
-            }
+            self.read(pair, side)?;
         } else if hup {
             // Both directions shut, or reset, and level-triggered epoll would report it
             // forever: a floor for the benchmark closes at once, bytes waiting or not.
-            return Step::Close;
+            return Err(Close);
         }
         // An origin that just connected takes what the client sent meanwhile.
         if pair.writable(ORIGIN) && !pair.pending[ORIGIN].is_empty() {
-            if let Step::Close = flush(pair, ORIGIN) {
-                return Step::Close;
-            }
+            flush(pair, ORIGIN)?;
         }
         match pair.finished() {
-            true => Step::Close,
-            false => Step::Open,
+            true => Err(Close),
+            false => Ok(()),
         }
     }
 
     /// One `recv` from `side`, sent on at once; what the other side cannot take waits.
-    fn read(&mut self, pair: &mut Pair, side: usize) -> Step {
+    fn read(&mut self, pair: &mut Pair, side: usize) -> Result<(), Close> {
         let other = 1 - side;
         let fd = pair.fds[side].as_raw_fd();
         // SAFETY: `buf` is valid for `len` bytes.
@@ -293,42 +283,41 @@ impl Worker {
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Step::Open,
-                _ => Step::Close,
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(Close),
             };
         }
         if n == 0 {
             pair.read_done[side] = true;
             if pair.pending[other].is_empty() && pair.writable(other) {
-                // SAFETY: the fd is open.
-                unsafe { libc::shutdown(pair.fds[other].as_raw_fd(), libc::SHUT_WR) };
+                shut_write(&pair.fds[other]);
             }
-            return Step::Open;
+            return Ok(());
         }
         let chunk = &self.buf[..n as usize];
         let sent = match pair.writable(other) {
-            true => match send(pair.fds[other].as_raw_fd(), chunk) {
-                Ok(m) => m,
-                Err(_) => return Step::Close,
-            },
+            true => send(pair.fds[other].as_raw_fd(), chunk).map_err(|_| Close)?,
             false => 0,
         };
         pair.pending[other].extend_from_slice(&chunk[sent..]);
-        Step::Open
+        Ok(())
     }
 }
 
 /// Writes what waits for `side`; passes the FIN on once the other side's bytes are all out.
-fn flush(pair: &mut Pair, side: usize) -> Step {
-    match send(pair.fds[side].as_raw_fd(), &pair.pending[side]) {
-        Ok(m) => drop(pair.pending[side].drain(..m)),
-        Err(_) => return Step::Close,
-    }
+fn flush(pair: &mut Pair, side: usize) -> Result<(), Close> {
+    let m = send(pair.fds[side].as_raw_fd(), &pair.pending[side]).map_err(|_| Close)?;
+    pair.pending[side].drain(..m);
     if pair.pending[side].is_empty() && pair.read_done[1 - side] {
-        // SAFETY: the fd is open.
-        unsafe { libc::shutdown(pair.fds[side].as_raw_fd(), libc::SHUT_WR) };
+        shut_write(&pair.fds[side]);
     }
-    Step::Open
+    Ok(())
+}
+
+/// Sends a FIN (shuts the socket down for writing).
+fn shut_write(fd: &OwnedFd) {
+    // SAFETY: `fd` is open for as long as the borrow.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
 }
 
 /// A non-blocking `send`: bytes taken, 0 when the socket is full.
