@@ -148,17 +148,17 @@ struct Direction {
 impl Direction {
     /// Accounts for a chunk; per chunk this is two additions and, with metrics on, a walk
     /// over the frame headers in it and two atomic adds.
-    fn pass(&mut self, chunk: &[u8], metrics: bool, bytes: &IntCounter, messages: &IntCounter) {
+    fn pass(&mut self, chunk: &[u8], counters: &Counters<'_>) {
         self.bytes += chunk.len() as u64;
-        if metrics {
+        if counters.metrics {
             let seen = self.frames.feed(chunk);
             self.messages += u64::from(seen.messages);
             if seen.close && self.close_at.is_none() {
                 self.close_at = Some(Instant::now());
             }
-            bytes.inc_by(chunk.len() as u64);
+            counters.bytes.inc_by(chunk.len() as u64);
             if seen.messages > 0 {
-                messages.inc_by(u64::from(seen.messages));
+                counters.messages.inc_by(u64::from(seen.messages));
             }
         }
     }
@@ -609,6 +609,24 @@ struct Counters<'a> {
     messages: &'a IntCounter,
 }
 
+impl<'a> Counters<'a> {
+    fn c2o(site: &'a ResourceStats, metrics: bool) -> Counters<'a> {
+        Counters {
+            metrics,
+            bytes: &site.bytes_c2o,
+            messages: &site.messages_c2o,
+        }
+    }
+
+    fn o2c(site: &'a ResourceStats, metrics: bool) -> Counters<'a> {
+        Counters {
+            metrics,
+            bytes: &site.bytes_o2c,
+            messages: &site.messages_o2c,
+        }
+    }
+}
+
 impl Half {
     /// Moves bytes from `src` to `dst` until either blocks; `moved` is set when any were
     /// read. Ready means this direction ended.
@@ -651,7 +669,7 @@ impl Half {
                     Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Some(End::Eof)),
                     Poll::Ready(Ok(())) => {
                         let chunk = read.filled();
-                        acct.pass(chunk, counters.metrics, counters.bytes, counters.messages);
+                        acct.pass(chunk, counters);
                         *moved = true;
                         Poll::Ready(self.write_now(cx, dst, chunk).err())
                     }
@@ -750,21 +768,15 @@ impl Tunnel {
         };
         // Bytes that came with the handshake go first, counted like any other.
         let [from_client, from_origin] = early;
-        let site = tunnel.guard.report.site.clone();
-        let metrics = tunnel.guard.report.metrics;
+        let t = &mut tunnel;
+        let (site, metrics) = (&t.guard.report.site, t.guard.report.metrics);
         if let Some(b) = from_client {
-            tunnel
-                .guard
-                .c2o
-                .pass(&b, metrics, &site.bytes_c2o, &site.messages_c2o);
-            tunnel.c2o.keep(&b);
+            t.guard.c2o.pass(&b, &Counters::c2o(site, metrics));
+            t.c2o.keep(&b);
         }
         if let Some(b) = from_origin {
-            tunnel
-                .guard
-                .o2c
-                .pass(&b, metrics, &site.bytes_o2c, &site.messages_o2c);
-            tunnel.o2c.keep(&b);
+            t.guard.o2c.pass(&b, &Counters::o2c(site, metrics));
+            t.o2c.keep(&b);
         }
         tunnel
     }
@@ -775,11 +787,7 @@ impl Tunnel {
         let metrics = self.guard.report.metrics;
         let mut moved = false;
         if !self.client_eof {
-            let counters = Counters {
-                metrics,
-                bytes: &site.bytes_c2o,
-                messages: &site.messages_c2o,
-            };
+            let counters = Counters::c2o(site, metrics);
             match self.c2o.poll_move(
                 cx,
                 &mut self.client,
@@ -803,11 +811,7 @@ impl Tunnel {
                 }
             }
         }
-        let counters = Counters {
-            metrics,
-            bytes: &site.bytes_o2c,
-            messages: &site.messages_o2c,
-        };
+        let counters = Counters::o2c(site, metrics);
         let client_open = !self.client_eof;
         let o2c = self.o2c.poll_move(
             cx,
