@@ -1,5 +1,9 @@
 //! The admin listener: `GET /healthz`, `GET /metrics`, `GET /stats`, `POST /reload`.
-//! Loopback by default.
+//! Loopback by default. A web page must not be able to reach it through the browser of
+//! someone on the host: requests that carry a foreign `Origin` (cross-site requests) or a
+//! Host that is not an IP address, `localhost` or one of `admin.hostnames` (DNS rebinding)
+//! are refused with 403, and with `admin.token_file` set the POST endpoints require
+//! `Authorization: Bearer <token>` (else 401).
 
 use crate::access_log::{json_str, parse_rfc3339, rfc3339};
 use crate::reload::Reloader;
@@ -58,8 +62,8 @@ impl Admin {
         reply(StatusCode::OK, "application/json", b)
     }
 
-    fn reload(&self) -> Response<Vec<u8>> {
-        let (status, ok, message) = match self.reloader.reload() {
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let (status, ok, message) = match self.reloader.reload_async().await {
             Ok(m) => (StatusCode::OK, true, m),
             Err(m) => (StatusCode::UNPROCESSABLE_ENTITY, false, m),
         };
@@ -178,16 +182,104 @@ pub fn stats_response(stats: &EdgeStats, query: Option<&str>) -> Response<Vec<u8
     reply(StatusCode::OK, "application/json", b)
 }
 
+/// Why an admin request is refused before it is routed.
+fn refused(
+    req: &pingora::http::RequestHeader,
+    policy: &crate::config::Admin,
+) -> Option<Response<Vec<u8>>> {
+    let forbidden = |why: &str| {
+        Some(reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!("{why}\n"),
+        ))
+    };
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if let Some(host) = host {
+        let name = crate::routing::valid_host(host).map(|h| h.to_ascii_lowercase());
+        let ok = name.is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::Ipv4Addr>().is_ok()
+                || h.starts_with('[')
+                || policy.hostnames.contains(&h)
+        });
+        if !ok {
+            return forbidden("This Host is not the admin listener's (an IP address, localhost or admin.hostnames).");
+        }
+    }
+    // Browsers send Origin on cross-site and on scripted requests; the admin endpoints have
+    // no pages of their own, so only a same-origin one is let through.
+    if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+        let same = host.is_some_and(|h| {
+            origin
+                .as_bytes()
+                .eq_ignore_ascii_case(format!("http://{h}").as_bytes())
+        });
+        if !same {
+            return forbidden("Cross-origin requests to the admin listener are refused.");
+        }
+    }
+    if req
+        .headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
+    {
+        return forbidden("Cross-site requests to the admin listener are refused.");
+    }
+    None
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(req: &pingora::http::RequestHeader, token: &str) -> bool {
+    let Some(given) = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    let want = token.as_bytes();
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
+        let policy = self.reloader.admin();
+        if let Some(refusal) = refused(req, &policy) {
+            return refusal;
+        }
         let (method, path) = (req.method.clone(), req.uri.path());
+        if method == Method::POST {
+            if let Some(token) = &policy.token {
+                if !authorized(req, token) {
+                    let mut r = reply(
+                        StatusCode::UNAUTHORIZED,
+                        "text/plain",
+                        "POST endpoints need Authorization: Bearer <the token of admin.token_file>.\n".into(),
+                    );
+                    r.headers_mut().insert(
+                        "WWW-Authenticate",
+                        http::HeaderValue::from_static("Bearer realm=\"wsedge admin\""),
+                    );
+                    return r;
+                }
+            }
+        }
         match (method, path) {
             (Method::GET, "/healthz") => self.healthz(),
             (Method::GET, "/metrics") => self.metrics(),
             (Method::GET, "/stats") => stats_response(&self.stats, req.uri.query()),
-            (Method::POST, "/reload") => self.reload(),
+            (Method::POST, "/reload") => self.reload().await,
             (_, "/healthz" | "/metrics" | "/stats" | "/reload") => {
                 reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", ROUTES.into())
             }

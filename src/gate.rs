@@ -2,16 +2,21 @@
 
 use crate::config::Resource;
 use crate::handshake::Reject;
+use std::borrow::Cow;
 
-/// Whether `res` lets a WebSocket upgrade on `path` through.
-pub fn check(res: &Resource, path: &str) -> Result<(), Reject> {
+/// Whether `res` lets a WebSocket upgrade on the request path `path` (without query)
+/// through. The decision is made on the path's normal form ([`crate::path::normalize`]),
+/// which is returned: that is the path to send the origin, so that what was checked is
+/// what is served.
+pub fn check<'a>(res: &Resource, path: &'a str) -> Result<Cow<'a, str>, Reject> {
     if !res.websocket.enabled {
         return Err(Reject::WebSocketDisabled);
     }
-    if !res.path_allowed(path) {
+    let path = crate::path::normalize(path).map_err(Reject::BadPath)?;
+    if !res.path_allowed(&path) {
         return Err(Reject::PathNotAllowed);
     }
-    Ok(())
+    Ok(path)
 }
 
 /// Whether the request's `Origin` may open a tunnel: any when the list is empty; a missing

@@ -30,17 +30,29 @@ pub enum Reject {
     Misdirected,
     /// 431: the request header is larger than `client.max_header_bytes`.
     HeaderTooLarge,
+    /// 400: the Host (or `:authority`) is missing, repeated or not a host name.
+    BadHost,
+    /// 400: the path of an upgrade cannot be normalised safely.
+    BadPath(crate::path::PathError),
+    /// 429: the client IP has `max_connections_per_ip` tunnels of the resource open.
+    ClientOverCapacity,
+    /// 405: a method the edge does not proxy (CONNECT).
+    MethodNotAllowed,
 }
 
 impl Reject {
     /// The HTTP status of the answer.
     pub fn status(self) -> u16 {
         match self {
-            Reject::Malformed(_) | Reject::AmbiguousFraming => 400,
+            Reject::Malformed(_)
+            | Reject::AmbiguousFraming
+            | Reject::BadHost
+            | Reject::BadPath(_) => 400,
+            Reject::MethodNotAllowed => 405,
             Reject::UnsupportedVersion => 426,
             Reject::WebSocketDisabled | Reject::PathNotAllowed | Reject::OriginNotAllowed => 403,
             Reject::UnknownHost => 404,
-            Reject::RateLimited(_) => 429,
+            Reject::RateLimited(_) | Reject::ClientOverCapacity => 429,
             Reject::Misdirected => 421,
             Reject::HeaderTooLarge => 431,
             Reject::OverCapacity => 503,
@@ -71,6 +83,12 @@ impl Reject {
             Reject::OverCapacity => {
                 "This site has too many open WebSocket connections; retry later.\n"
             }
+            Reject::BadHost => "The Host header is missing or is not a valid host name.\n",
+            Reject::BadPath(e) => e.body(),
+            Reject::ClientOverCapacity => {
+                "Too many open WebSocket connections from this address; retry later.\n"
+            }
+            Reject::MethodNotAllowed => "This method is not allowed here.\n",
         }
     }
 
@@ -88,6 +106,10 @@ impl Reject {
             Reject::HeaderTooLarge => "header_too_large",
             Reject::RateLimited(_) => "rate_limited",
             Reject::OverCapacity => "over_capacity",
+            Reject::BadHost => "bad_host",
+            Reject::BadPath(_) => "bad_path",
+            Reject::ClientOverCapacity => "client_over_capacity",
+            Reject::MethodNotAllowed => "method_not_allowed",
         }
     }
 }
@@ -155,6 +177,13 @@ pub fn check(req: &RequestHeader) -> Result<(), Reject> {
             "A WebSocket upgrade must not carry a body.\n",
         ));
     }
+    // The allow-list is checked against one Origin; with two, the origin would get both and
+    // might read the other one.
+    if h.get_all(header::ORIGIN).iter().nth(1).is_some() {
+        return Err(Reject::Malformed(
+            "A WebSocket upgrade must carry at most one Origin header.\n",
+        ));
+    }
     let mut versions = h.get_all(header::SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
         (None, _) => Err(Reject::Malformed(
@@ -167,7 +196,7 @@ pub fn check(req: &RequestHeader) -> Result<(), Reject> {
 }
 
 /// Whether a comma-separated header (all its lines) holds `token`, case-insensitively.
-fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
@@ -247,6 +276,9 @@ mod tests {
         let mut post = req(&[]);
         post.set_method(Method::POST);
         assert_eq!(check(&post).map_err(Reject::status), Err(400));
+        let mut two_origins = req(&[("Origin", "https://a.b")]);
+        two_origins.append_header("Origin", "https://c.d").unwrap();
+        assert_eq!(check(&two_origins).map_err(Reject::status), Err(400));
         let mut two_keys = req(&[]);
         two_keys
             .append_header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")

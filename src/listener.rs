@@ -1,93 +1,269 @@
-//! The connection-level guard in front of Pingora's HTTP handling: a client must send its
-//! whole first request header within `client.header_timeout` (slowloris holds connections
-//! with a trickle of header bytes, each resetting a per-read timeout) and in at most
-//! `client.max_header_bytes` (else 431). Pingora then parses the header from the bytes
-//! read here, as a pipelined prefix. Follow-up requests on a kept-alive connection are read
-//! by Pingora, within its keep-alive timeout between reads.
+//! The connection-level guard in front of Pingora's HTTP handling. Every request header of
+//! a connection, not only the first, must arrive whole within `client.header_timeout` from
+//! its first byte (slowloris holds connections with a trickle of header bytes, each
+//! resetting a per-read timeout) and in at most `client.max_header_bytes` (else 431), with
+//! CRLF line ends and unambiguous framing (else 400), as nginx's `client_header_timeout`
+//! and HAProxy's `timeout http-request` do. Between requests a kept-alive connection waits
+//! at most `client.keepalive_timeout`. On TLS listeners the handshake itself, and on HTTP/2
+//! connections the client preface, must come within the header timeout too.
+//!
+//! The guard reads each header itself and hands it to Pingora as a pipelined prefix; the
+//! connection is given to Pingora as a [`ClientConn`], which hands out exactly the current
+//! request's body and keeps back what follows it (pipelined requests), so that the guard
+//! reads the next header from where the previous request ended, and no pipelined request
+//! is lost. Whatever the guard refuses gets its answer, an access-log line and a count.
 
+use crate::access_log::{AccessLog, JsonLine};
 use crate::config::ClientLimits;
 use crate::handshake::Reject;
+use crate::stats::EdgeStats;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::v1::server::HttpSession as H1Session;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{timeout, timeout_at, Instant};
 
-/// Wraps an HTTP app (Pingora's proxy) with the header deadline and size limit.
+/// RFC 9113 §3.4.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Header fields a request may have (Pingora's own limit).
+const MAX_HEADERS: usize = 256;
+
+/// How long, and for how many bytes at most, a refused client's bytes are read and
+/// dropped before its connection is closed.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Wraps an HTTP app (Pingora's proxy) with the header deadlines, size limit and framing
+/// checks, for plain TCP or, with [`Self::with_tls`], TLS listeners.
 pub struct HeaderGuard<A> {
     inner: Arc<A>,
     limits: ClientLimits,
+    tls: Option<Arc<Acceptor>>,
+    log: Option<Arc<AccessLog>>,
+    stats: Option<Arc<EdgeStats>>,
 }
 
 impl<A> HeaderGuard<A> {
     /// Guards `inner` with `limits`.
-    pub fn new(inner: A, limits: ClientLimits) -> HeaderGuard<A> {
+    pub fn new(inner: Arc<A>, limits: ClientLimits) -> HeaderGuard<A> {
         HeaderGuard {
-            inner: Arc::new(inner),
+            inner,
             limits,
+            tls: None,
+            log: None,
+            stats: None,
+        }
+    }
+
+    /// Makes the TLS handshake with `acceptor` (on a listener added without TLS), under the
+    /// header deadline.
+    pub fn with_tls(mut self, acceptor: Arc<Acceptor>) -> HeaderGuard<A> {
+        self.tls = Some(acceptor);
+        self
+    }
+
+    /// Logs and counts the requests the guard refuses.
+    pub fn with_reporting(mut self, log: Arc<AccessLog>, stats: Arc<EdgeStats>) -> HeaderGuard<A> {
+        self.log = Some(log);
+        self.stats = Some(stats);
+        self
+    }
+}
+
+/// How the body of a request is framed (RFC 9112 §6.3), as far as the guard must know to
+/// hand Pingora exactly that body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes (0: no body).
+    Length(u64),
+    /// Chunked: until the last chunk and the trailer section.
+    Chunked(Chunks),
+    /// The request is over: what the client sends now belongs to the next one.
+    Rest,
+    /// Everything goes through (an HTTP/2 connection).
+    Passthrough,
+}
+
+/// What the guard learned from a request header.
+struct Head {
+    bytes: BytesMut,
+    framing: Framing,
+}
+
+/// A refusal with what is known of the request, for its log line.
+struct Refusal {
+    /// The answer; `None` for a header that never came whole (logged as 408, unanswered).
+    reject: Option<Reject>,
+    method: String,
+    path: String,
+    upgrade: bool,
+}
+
+impl Refusal {
+    fn timed_out() -> Refusal {
+        Refusal {
+            reject: None,
+            method: String::new(),
+            path: String::new(),
+            upgrade: false,
+        }
+    }
+
+    fn bare(reject: Reject) -> Refusal {
+        Refusal {
+            reject: Some(reject),
+            method: String::new(),
+            path: String::new(),
+            upgrade: false,
         }
     }
 }
 
-/// Why the first header could not be read.
-enum HeadError {
-    TooLarge,
+/// Why no header came.
+enum NoHead {
+    /// The connection ended, idled out between requests, or the server is shutting down:
+    /// nothing to answer.
     Closed,
+    /// The header did not arrive within the header timeout: logged as 408, closed.
+    TimedOut,
+    /// Answered with this.
+    Refused(Refusal),
 }
 
-/// Reads until the end of the request header (`\r\n\r\n`), keeping everything read.
-async fn read_head(stream: &mut Stream, buf: &mut BytesMut, max: usize) -> Result<(), HeadError> {
-    let mut scanned = 0;
-    loop {
-        if let Some(i) = buf[scanned..].windows(4).position(|w| w == b"\r\n\r\n") {
-            return if scanned + i + 4 > max {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(())
-            };
-        }
-        if buf.len() > max {
-            return Err(HeadError::TooLarge);
-        }
-        scanned = buf.len().saturating_sub(3);
-        buf.reserve(4096);
-        match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(HeadError::Closed),
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Whether the raw header has both `Content-Length` and `Transfer-Encoding`, or
-/// `Content-Length` values that disagree. Pingora would drop the length and use the
-/// encoding (RFC 9112 §6.3), which is safe for itself, but such a request is almost always
-/// an attempt at smuggling through a chain of proxies: refuse it (RFC 9112 §6.1 allows).
-fn ambiguous_framing(head: &[u8]) -> bool {
-    let end = head
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(head.len());
-    let mut length: Option<&[u8]> = None;
-    let (mut te, mut disagree) = (false, false);
-    for line in head[..end].split(|&b| b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
+impl<A> HeaderGuard<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Reads the next request header of `conn`. `deadline` is set for the first request
+    /// (counted from the accept); later ones first wait up to the keep-alive timeout for a
+    /// first byte, and then get the header timeout.
+    async fn next_head(
+        &self,
+        conn: &mut ClientConn,
+        deadline: Option<Instant>,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Head, NoHead> {
+        let deadline = match deadline {
+            Some(d) => d,
+            None => {
+                if conn.stash.is_empty() {
+                    let mut shutdown = shutdown.clone();
+                    let first = tokio::select! {
+                        r = timeout(self.limits.keepalive_timeout, conn.read_more()) => r,
+                        _ = shutdown.changed() => return Err(NoHead::Closed),
+                    };
+                    if !matches!(first, Ok(Ok(n)) if n > 0) {
+                        return Err(NoHead::Closed);
+                    }
+                }
+                Instant::now() + self.limits.header_timeout
+            }
         };
-        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            for v in value.split(|&b| b == b',').map(|v| v.trim_ascii()) {
-                disagree |= length.is_some_and(|l| l != v);
-                length = Some(v);
+        let max = self.limits.max_header_bytes;
+        let end = loop {
+            // RFC 9112 §2.2: empty lines before a request line are ignored.
+            while conn.stash.starts_with(b"\r\n") {
+                let _ = conn.stash.split_to(2);
+            }
+            match head_end(&conn.stash) {
+                Ok(Some(end)) if end > max => {
+                    return Err(NoHead::Refused(Refusal::bare(Reject::HeaderTooLarge)))
+                }
+                Ok(Some(end)) => break end,
+                Ok(None) if conn.stash.len() > max => {
+                    return Err(NoHead::Refused(Refusal::bare(Reject::HeaderTooLarge)))
+                }
+                Ok(None) => {}
+                Err(BareLf) => {
+                    return Err(NoHead::Refused(Refusal::bare(Reject::Malformed(
+                        "Request header lines must end with CRLF.\n",
+                    ))))
+                }
+            }
+            match timeout_at(deadline, conn.read_more()).await {
+                Err(_) if conn.stash.is_empty() => return Err(NoHead::Closed),
+                Err(_) => return Err(NoHead::TimedOut),
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(NoHead::Closed),
+            }
+        };
+        let bytes = conn.stash.split_to(end);
+        let framing = check_head(&bytes).map_err(NoHead::Refused)?;
+        Ok(Head { bytes, framing })
+    }
+
+    /// Answers a refused request on `conn`, logs and counts it, and closes. The close
+    /// lingers (as nginx's `lingering_close` does): what the client is still sending is read
+    /// and dropped for a moment, so that closing with unread bytes (which sends a reset)
+    /// does not destroy the answer before the client has read it.
+    async fn refuse(&self, conn: &mut ClientConn, refusal: Refusal, received: SystemTime) {
+        let Some(reject) = refusal.reject else { return };
+        let answer = reject.raw_response();
+        // A client that does not read its answer is not waited for.
+        let _ = timeout(self.limits.header_timeout, async {
+            conn.write_all(&answer).await?;
+            conn.flush().await?;
+            conn.inner.shutdown().await
+        })
+        .await;
+        self.report(conn, &refusal, received);
+        let _ = timeout(LINGER, async {
+            let mut sink = [0u8; 16 * 1024];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match conn.inner.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+
+    fn report(&self, conn: &ClientConn, refusal: &Refusal, received: SystemTime) {
+        if let Some(stats) = &self.stats {
+            match refusal.reject {
+                Some(reject) => stats.refused_unrouted(reject, refusal.upgrade),
+                None => stats.timed_out_header(),
             }
         }
+        let status = refusal.reject.map_or(408, Reject::status);
+        let Some(log) = self.log.as_ref().filter(|l| l.enabled()) else {
+            return;
+        };
+        let client = conn
+            .inner
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let line = JsonLine::new(received)
+            .str("kind", "http")
+            .str("resource", "")
+            .str("client", &client)
+            .str("host", "")
+            .str("method", &refusal.method)
+            .str("path", &refusal.path)
+            .num("status", status)
+            .num("bytes_client_to_origin", 0)
+            .num("bytes_origin_to_client", 0)
+            .num(
+                "duration_ms",
+                received.elapsed().map_or(0, |d| d.as_millis()),
+            )
+            .finish();
+        log.write(line);
     }
-    disagree || (te && length.is_some())
 }
 
 #[async_trait]
@@ -97,58 +273,81 @@ where
 {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 has its own framing and flow control: Pingora's path as it is.
-            return self.inner.process_new(stream, shutdown).await;
-        }
-        let mut buf = BytesMut::with_capacity(4096);
-        match tokio::time::timeout(
-            self.limits.header_timeout,
-            read_head(&mut stream, &mut buf, self.limits.max_header_bytes),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(HeadError::TooLarge)) => {
-                let _ = stream
-                    .write_all(&Reject::HeaderTooLarge.raw_response())
-                    .await;
-                let _ = stream.flush().await;
+        let deadline = Instant::now() + self.limits.header_timeout;
+        let stream = match &self.tls {
+            None => stream,
+            Some(acceptor) => match timeout_at(deadline, tls_handshake(acceptor, stream)).await {
+                Ok(Some(tls)) => tls,
+                Ok(None) => return None,
+                Err(_) => {
+                    log::debug!("TLS handshake not complete within the header timeout: closing");
+                    return None;
+                }
+            },
+        };
+        let mut conn = ClientConn::new(stream);
+        if matches!(conn.inner.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 has its own framing; Pingora serves it with the idle timeout and header
+            // limit it was given. Only the preface is waited for here.
+            while conn.stash.len() < H2_PREFACE.len() {
+                match timeout_at(deadline, conn.read_more()).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+            if !conn.stash.starts_with(H2_PREFACE) {
                 return None;
             }
-            Ok(Err(HeadError::Closed)) => return None,
-            Err(_) => {
-                log::debug!(
-                    "request header not complete within {:?}: closing",
-                    self.limits.header_timeout
-                );
-                return None;
+            conn.framing = Framing::Passthrough;
+            return self.inner.process_new(Box::new(conn), shutdown).await;
+        }
+
+        let mut first = Some(deadline);
+        let mut settings: Option<pingora::apps::HttpPersistentSettings> = None;
+        loop {
+            let received = SystemTime::now();
+            let head = match self.next_head(&mut conn, first.take(), shutdown).await {
+                Ok(head) => head,
+                Err(NoHead::Closed) => return None,
+                Err(NoHead::TimedOut) => {
+                    log::debug!(
+                        "request header not complete within {:?}: closing",
+                        self.limits.header_timeout
+                    );
+                    self.report(&conn, &Refusal::timed_out(), received);
+                    return None;
+                }
+                Err(NoHead::Refused(refusal)) => {
+                    self.refuse(&mut conn, refusal, received).await;
+                    return None;
+                }
+            };
+            conn.framing = head.framing;
+            let mut h1 = H1Session::new(Box::new(conn));
+            h1.set_pipelined_prefix(head.bytes);
+            let mut session = ServerSession::H1(h1);
+            match settings.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                // Pingora waits for nothing between requests here (the guard does): this
+                // only lets the connection be kept alive.
+                None => session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs().max(1))),
             }
-        }
-        if ambiguous_framing(&buf) {
-            let _ = stream
-                .write_all(&Reject::AmbiguousFraming.raw_response())
-                .await;
-            let _ = stream.flush().await;
-            return None;
-        }
-        let mut first = H1Session::new(stream);
-        first.set_pipelined_prefix(buf);
-        let mut session = ServerSession::H1(first);
-        // As Pingora does for a new HTTP/1 connection.
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        let mut result = self.inner.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = result.map(|r| r.consume()) {
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
             }
-            result = self.inner.process_new_http(session, shutdown).await;
+            let (stream, next_settings) = self
+                .inner
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            // The stream is the `ClientConn` given to the session: take it back, with
+            // whatever the client sent after this request.
+            conn = *stream.into_any().downcast::<ClientConn>().ok()?;
+            settings = next_settings;
         }
-        None
     }
 
     async fn cleanup(&self) {
@@ -156,27 +355,563 @@ where
     }
 }
 
+/// The TLS handshake of a connection from a listener added without TLS.
+async fn tls_handshake(acceptor: &Acceptor, stream: Stream) -> Option<Stream> {
+    let l4 = match stream.into_any().downcast::<L4Stream>() {
+        Ok(l4) => *l4,
+        Err(_) => {
+            log::error!("a TLS listener gave a stream that is not TCP");
+            return None;
+        }
+    };
+    match acceptor.tls_handshake(l4).await {
+        Ok(tls) => Some(Box::new(tls)),
+        Err(e) => {
+            log::debug!("TLS handshake failed: {e}");
+            None
+        }
+    }
+}
+
+/// A line of the header ends with a bare LF.
+struct BareLf;
+
+/// Where the header in `buf` ends (just past its empty line), if it is complete. A bare LF
+/// (RFC 9112 §2.2 allows a server to accept it, but proxies that disagree on it can be
+/// made to see different requests) is refused.
+fn head_end(buf: &[u8]) -> Result<Option<usize>, BareLf> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + i;
+        if lf == 0 || buf[lf - 1] != b'\r' {
+            return Err(BareLf);
+        }
+        if lf >= 3 && &buf[lf - 3..=lf] == b"\r\n\r\n" {
+            return Ok(Some(lf + 1));
+        }
+        from = lf + 1;
+    }
+    Ok(None)
+}
+
+/// Parses a complete header and decides its framing: what Pingora would refuse with a 400
+/// of its own (before any hook, so unlogged) is refused here, and anything whose framing
+/// two parsers could read differently is refused too.
+fn check_head(head: &[u8]) -> Result<Framing, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let bad = |why: &'static str| Refusal::bare(Reject::Malformed(why));
+    let (method, path, version) = match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => (
+            req.method.unwrap_or("").to_string(),
+            req.path.unwrap_or("").to_string(),
+            req.version.unwrap_or(1),
+        ),
+        Ok(httparse::Status::Partial) => return Err(bad("The request header is incomplete.\n")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::bare(Reject::HeaderTooLarge)),
+        Err(httparse::Error::Token | httparse::Error::Version) => {
+            // Pingora escapes characters a request target should not have (`|`, `{`,
+            // raw UTF-8) instead of refusing them; its headers must still parse.
+            let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+            let line = String::from_utf8_lossy(&head[..line_end]);
+            let mut parts = line.split(' ');
+            let method = parts.next().unwrap_or("").to_string();
+            let path = parts.next().unwrap_or("").to_string();
+            let version = if line.ends_with(" HTTP/1.0") { 0 } else { 1 };
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(&head[line_end + 2..], &mut headers) {
+                Ok(httparse::Status::Complete(_)) => {
+                    let found: Vec<(String, Vec<u8>)> = headers
+                        .iter()
+                        .take_while(|h| !h.name.is_empty())
+                        .map(|h| (h.name.to_string(), h.value.to_vec()))
+                        .collect();
+                    return framing(
+                        &method,
+                        &path,
+                        version,
+                        found.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+                    );
+                }
+                _ => return Err(bad("The request header is malformed.\n")),
+            }
+        }
+        Err(_) => return Err(bad("The request header is malformed.\n")),
+    };
+    framing(
+        &method,
+        &path,
+        version,
+        req.headers.iter().map(|h| (h.name, h.value)),
+    )
+}
+
+/// The framing of a request with these header fields (RFC 9112 §6): a `Content-Length`
+/// of one value (repeats must agree), or `Transfer-Encoding: chunked` exactly (HTTP/1.1
+/// only), never both; none means no body.
+fn framing<'a>(
+    method: &str,
+    path: &str,
+    version: u8,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<Framing, Refusal> {
+    let mut upgrade = false;
+    let mut hosts = 0;
+    let mut length: Option<u64> = None;
+    let mut te: Option<Vec<u8>> = None;
+    let refusal = |reject: Reject, upgrade: bool| Refusal {
+        reject: Some(reject),
+        method: method.to_string(),
+        path: path.to_string(),
+        upgrade,
+    };
+    let bad = |why: &'static str, upgrade: bool| refusal(Reject::Malformed(why), upgrade);
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("content-length") {
+            for v in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n = std::str::from_utf8(v)
+                    .ok()
+                    .filter(|v| {
+                        !v.is_empty() && v.len() <= 18 && v.bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| bad("Content-Length must be a number.\n", upgrade))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(refusal(Reject::AmbiguousFraming, upgrade));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let mut all = te.take().unwrap_or_default();
+            if !all.is_empty() {
+                all.push(b',');
+            }
+            all.extend_from_slice(value);
+            te = Some(all);
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if method == "CONNECT" {
+        return Err(refusal(Reject::MethodNotAllowed, upgrade));
+    }
+    if hosts > 1 {
+        return Err(refusal(Reject::BadHost, upgrade));
+    }
+    match (length, te) {
+        (Some(_), Some(_)) => Err(refusal(Reject::AmbiguousFraming, upgrade)),
+        (_, Some(_)) if version == 0 => Err(bad(
+            "Transfer-Encoding is not allowed in HTTP/1.0.\n",
+            upgrade,
+        )),
+        (_, Some(te)) if te.trim_ascii().eq_ignore_ascii_case(b"chunked") => {
+            Ok(Framing::Chunked(Chunks::default()))
+        }
+        (_, Some(_)) => Err(bad(
+            "Only Transfer-Encoding: chunked is supported.\n",
+            upgrade,
+        )),
+        (Some(n), None) => Ok(Framing::Length(n)),
+        (None, None) => Ok(Framing::Length(0)),
+    }
+}
+
+/// Follows a chunked body's framing (RFC 9112 §7.1) over the bytes as they pass, without
+/// copying them, to find where it ends. Strict: CRLF line ends, hex sizes that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Chunks {
+    state: ChunkState,
+    size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ChunkState {
+    /// The hex digits of a chunk size (`digits` seen so far).
+    #[default]
+    Size,
+    SizeDigits,
+    /// A chunk extension, up to the CR.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// The start of a trailer line (an empty line ends the body).
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    LastLf,
+}
+
+/// A chunked body that does not follow the grammar.
+#[derive(Debug)]
+struct BadChunk;
+
+impl Chunks {
+    /// Feeds bytes; `Some(n)` when the body ends after the first `n` of them.
+    fn feed(&mut self, mut data: &[u8]) -> Result<Option<usize>, BadChunk> {
+        let total = data.len();
+        while let Some(&b) = data.first() {
+            use ChunkState::*;
+            if self.state == Data {
+                let n = (self.size as usize).min(data.len());
+                self.size -= n as u64;
+                data = &data[n..];
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                continue;
+            }
+            data = &data[1..];
+            self.state = match (self.state, b) {
+                (Size | SizeDigits, b) if (b as char).is_ascii_hexdigit() => {
+                    let digit = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(u64::from(digit)))
+                        .filter(|s| *s < 1 << 60)
+                        .ok_or(BadChunk)?;
+                    SizeDigits
+                }
+                (SizeDigits, b';' | b' ' | b'\t') => Extension,
+                (SizeDigits | Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(BadChunk),
+                (Extension, _) => Extension,
+                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+                (SizeLf, b'\n') => Data,
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (TrailerStart, b'\r') => LastLf,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerStart | Trailer, b'\n') => return Err(BadChunk),
+                (TrailerStart | Trailer, _) => Trailer,
+                (TrailerLf, b'\n') => TrailerStart,
+                (LastLf, b'\n') => return Ok(Some(total - data.len())),
+                _ => return Err(BadChunk),
+            };
+        }
+        Ok(None)
+    }
+}
+
+/// A client connection as Pingora sees it: it hands out the current request's body and no
+/// more, keeping back (in `stash`) whatever the client sent after it. Everything else
+/// (writes, TLS and socket details) is the underlying stream's.
+#[derive(Debug)]
+pub struct ClientConn {
+    inner: Stream,
+    /// Bytes read from `inner` and not handed out yet.
+    stash: BytesMut,
+    framing: Framing,
+}
+
+impl ClientConn {
+    fn new(inner: Stream) -> ClientConn {
+        ClientConn {
+            inner,
+            stash: BytesMut::new(),
+            framing: Framing::Rest,
+        }
+    }
+
+    /// The underlying stream and the bytes read from it that were not handed out: after
+    /// a 101, the start of the tunnel.
+    pub fn into_parts(self) -> (Stream, BytesMut) {
+        (self.inner, self.stash)
+    }
+
+    /// Reads more into the stash; `Ok(0)` at the end of the stream.
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.stash.reserve(4096);
+        self.inner.read_buf(&mut self.stash).await
+    }
+
+    /// Hands out stashed bytes, at most `limit`.
+    fn take_stash(&mut self, buf: &mut ReadBuf<'_>, limit: usize) -> usize {
+        let n = self.stash.len().min(buf.remaining()).min(limit);
+        buf.put_slice(&self.stash.split_to(n));
+        n
+    }
+}
+
+impl AsyncRead for ClientConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match this.framing {
+            Framing::Passthrough => {
+                if !this.stash.is_empty() {
+                    this.take_stash(buf, usize::MAX);
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(&mut this.inner).poll_read(cx, buf)
+            }
+            Framing::Length(0) | Framing::Rest => {
+                this.framing = Framing::Rest;
+                // The request is complete. Pingora reads here only to notice a client
+                // that goes away during the response: report the end of the stream, but
+                // keep any bytes for the next request and give Pingora nothing.
+                if !this.stash.is_empty() {
+                    return Poll::Pending;
+                }
+                let mut probe = [0u8; 4096];
+                let mut probe = ReadBuf::new(&mut probe);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut probe) {
+                    Poll::Ready(Ok(())) if probe.filled().is_empty() => Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(())) => {
+                        this.stash.extend_from_slice(probe.filled());
+                        Poll::Pending
+                    }
+                    other => other,
+                }
+            }
+            Framing::Length(left) => {
+                let limit = usize::try_from(left).unwrap_or(usize::MAX);
+                let n = if !this.stash.is_empty() {
+                    this.take_stash(buf, limit)
+                } else if buf.remaining() <= limit {
+                    // Cannot read past the body: straight into Pingora's buffer.
+                    let before = buf.filled().len();
+                    match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                        Poll::Ready(Ok(())) => {}
+                        other => return other,
+                    }
+                    buf.filled().len() - before
+                } else {
+                    let mut small = [0u8; 8192];
+                    let len = small.len().min(limit);
+                    let mut part = ReadBuf::new(&mut small[..len]);
+                    match Pin::new(&mut this.inner).poll_read(cx, &mut part) {
+                        Poll::Ready(Ok(())) => {}
+                        other => return other,
+                    }
+                    buf.put_slice(part.filled());
+                    part.filled().len()
+                };
+                this.framing = Framing::Length(left - n as u64);
+                Poll::Ready(Ok(()))
+            }
+            Framing::Chunked(mut chunks) => {
+                let before = buf.filled().len();
+                if !this.stash.is_empty() {
+                    // Hand out at most the rest of the body from the stash.
+                    let end = chunks.feed_peek(&this.stash).map_err(|_| bad_chunk())?;
+                    let limit = end.unwrap_or(this.stash.len());
+                    let n = this.take_stash(buf, limit);
+                    let done = chunks
+                        .feed(&buf.filled()[before..before + n])
+                        .map_err(|_| bad_chunk())?;
+                    this.framing = match done {
+                        Some(_) => Framing::Rest,
+                        None => Framing::Chunked(chunks),
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {}
+                    other => return other,
+                }
+                let read = &buf.filled()[before..];
+                match chunks.feed(read).map_err(|_| bad_chunk())? {
+                    Some(end) => {
+                        // What follows the body is the next request: keep it.
+                        this.stash.extend_from_slice(&read[end..]);
+                        buf.set_filled(before + end);
+                        this.framing = Framing::Rest;
+                    }
+                    None => this.framing = Framing::Chunked(chunks),
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl Chunks {
+    /// Where the body would end within `data`, without moving this state.
+    fn feed_peek(&self, data: &[u8]) -> Result<Option<usize>, BadChunk> {
+        let mut copy = *self;
+        copy.feed(data)
+    }
+}
+
+fn bad_chunk() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed chunked body")
+}
+
+impl AsyncWrite for ClientConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl pingora::protocols::Shutdown for ClientConn {
+    async fn shutdown(&mut self) {
+        pingora::protocols::Shutdown::shutdown(self.inner.as_mut()).await;
+    }
+}
+
+impl pingora::protocols::UniqueID for ClientConn {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl pingora::protocols::Ssl for ClientConn {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl pingora::protocols::GetTimingDigest for ClientConn {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for ClientConn {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl pingora::protocols::GetSocketDigest for ClientConn {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl pingora::protocols::Peek for ClientConn {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ambiguous_framing_in_raw_headers() {
-        assert!(!ambiguous_framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(!ambiguous_framing(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello"
+    fn head_ends_and_bare_lf() {
+        assert!(matches!(
+            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest"),
+            Ok(Some(27))
         ));
-        assert!(ambiguous_framing(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert!(matches!(
+            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            Ok(None)
         ));
-        assert!(ambiguous_framing(
-            b"POST / HTTP/1.1\r\ncontent-length: 5, 6\r\n\r\n"
-        ));
-        assert!(ambiguous_framing(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
-        ));
-        assert!(!ambiguous_framing(
-            b"POST / HTTP/1.1\r\nX: Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ));
+        assert!(head_end(b"GET / HTTP/1.1\nHost: a\n\n").is_err());
+        assert!(head_end(b"GET / HTTP/1.1\r\nHost: a\n\r\n").is_err());
+    }
+
+    fn framing_of(head: &str) -> Result<Framing, Reject> {
+        check_head(head.as_bytes()).map_err(|r| r.reject.unwrap())
+    }
+
+    #[test]
+    fn framing_in_raw_headers() {
+        assert_eq!(
+            framing_of("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Framing::Length(0))
+        );
+        assert_eq!(
+            framing_of("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n"),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            framing_of("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(Framing::Chunked(Chunks::default()))
+        );
+        for (head, reject) in [
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", Reject::AmbiguousFraming),
+            ("POST / HTTP/1.1\r\ncontent-length: 5, 6\r\n\r\n", Reject::AmbiguousFraming),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", Reject::AmbiguousFraming),
+            ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Reject::Malformed("")),
+            ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", Reject::Malformed("")),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Reject::Malformed("")),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", Reject::Malformed("")),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Reject::Malformed("")),
+            ("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", Reject::MethodNotAllowed),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Reject::BadHost),
+        ] {
+            let got = framing_of(head);
+            match (got, reject) {
+                (Err(Reject::Malformed(_)), Reject::Malformed(_)) => {}
+                (got, want) => assert_eq!(got, Err(want), "{head:?}"),
+            }
+        }
+        assert_eq!(
+            framing_of(
+                "POST / HTTP/1.1\r\nX: Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            Ok(Framing::Chunked(Chunks::default()))
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end() {
+        let body = b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n";
+        assert_eq!(Chunks::default().feed(body).unwrap(), Some(15));
+        // Any split gives the same end.
+        for split in 0..body.len() {
+            let mut c = Chunks::default();
+            let first = c.feed(&body[..split]).unwrap();
+            let end = match first {
+                Some(e) => e,
+                None => split + c.feed(&body[split..]).unwrap().unwrap(),
+            };
+            assert_eq!(end, 15, "split at {split}");
+        }
+        let trailers = b"3;ext=1\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n";
+        assert_eq!(
+            Chunks::default().feed(trailers).unwrap(),
+            Some(trailers.len())
+        );
+        for bad in [
+            &b"5\nhello\r\n"[..],
+            b"z\r\n",
+            b"5\r\nhelloX\r\n",
+            b"0\r\nX: y\n\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(Chunks::default().feed(bad).is_err(), "{bad:?}");
+        }
     }
 }

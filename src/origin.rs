@@ -186,10 +186,7 @@ fn health_check(
             let mut check = pingora::lb::health_check::HttpHealthCheck::new(&host, tls);
             check.consecutive_success = hc.healthy_after as usize;
             check.consecutive_failure = hc.unhealthy_after as usize;
-            // Invariant: the path was checked to start with '/' at load.
-            check
-                .req
-                .set_uri(path.parse().expect("a path parses as a URI"));
+            check.req.set_uri(http::Uri::from(path.clone()));
             check.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| {
                 if resp.status.is_success() {
                     Ok(())

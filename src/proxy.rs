@@ -4,12 +4,12 @@
 use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::handshake::{self, Reject};
-use crate::limits::Slot;
+use crate::limits::{client_key, Full, Slot};
 use crate::origin;
-use crate::routing::{Router, Site};
+pub use crate::routing::Resources;
+use crate::routing::Site;
 use crate::stats::EdgeStats;
 use crate::tunnel::{self, Outcome, Reporting, TunnelInfo};
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
@@ -22,9 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Read and write timeout for plain HTTP requests towards the client and the origin.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The resource table, swappable as a whole (a reload builds a new [`Router`]).
-pub type Resources = Arc<ArcSwap<Router>>;
 
 /// wsedge's proxy logic, usable as the `ProxyHttp` of any Pingora HTTP proxy service.
 pub struct EdgeProxy {
@@ -43,10 +40,16 @@ pub struct RequestCtx {
     pub site: Option<Arc<Site>>,
     /// Whether the request asked for an upgrade.
     upgrade: bool,
+    /// The Host (or `:authority`) is missing, repeated or not a host name: answer 400.
+    bad_host: bool,
     /// A tunnel was opened (it logs itself).
     tunnel: bool,
-    /// Origin servers tried for a plain request (each once).
+    /// Origin servers tried for a plain request (each once, but for a retry on a fresh
+    /// connection after a pooled one turned out closed).
     tried: Vec<std::net::SocketAddr>,
+    /// The last attempt failed on a pooled connection the origin had closed: try the same
+    /// server again on another connection.
+    retry_same: bool,
     started: Instant,
     received: SystemTime,
 }
@@ -65,16 +68,16 @@ impl EdgeProxy {
         EdgeProxy {
             resources,
             stats,
-            log: Arc::new(AccessLog::Stdout),
+            log: Arc::new(AccessLog::off()),
             metrics: true,
             connector: Connector::new(None),
             unbuffered_listeners: false,
         }
     }
 
-    /// Sends access lines to `log` instead of stdout.
-    pub fn with_access_log(mut self, log: AccessLog) -> EdgeProxy {
-        self.log = Arc::new(log);
+    /// Writes access lines to `log` (by default there is none).
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> EdgeProxy {
+        self.log = log;
         self
     }
 
@@ -104,37 +107,86 @@ impl EdgeProxy {
         &self.stats
     }
 
-    /// Opens the tunnel of an upgrade the gate allowed, and answers for the origin when it
-    /// fails.
+    /// Whether a request for `site` may be served on this TLS connection: the connection
+    /// is bound to the resource its SNI routes to (no domain fronting across customers,
+    /// RFC 9110 §15.5.20). A client that sent no SNI got the default certificate, and only
+    /// the Hosts that certificate is valid for are served on its connection.
+    fn bound_to_connection(&self, session: &Session, site: &Site) -> bool {
+        let router = self.resources.load();
+        match sni_of(session) {
+            // Resource names are unique: a reload since routing keeps the binding.
+            Some(sni) => router
+                .find(&sni)
+                .is_some_and(|s| s.resource.name == site.resource.name),
+            None => router
+                .default_certificate()
+                .is_some_and(|c| c.covers(client_host(session.req_header()))),
+        }
+    }
+
+    /// The gate for an upgrade: policy (enabled, path), the RFC 6455 checks, the Origin,
+    /// the client's handshake rate and a tunnel slot (resource and client). Returns the
+    /// normal path to send on and the slot.
+    fn admit(&self, session: &Session, site: &Site) -> std::result::Result<(String, Slot), Reject> {
+        let req = session.req_header();
+        let ws = &site.resource.websocket;
+        let path = crate::gate::check(&site.resource, req.uri.path())?.into_owned();
+        handshake::check(req)?;
+        let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
+        crate::gate::check_origin(&site.resource, origin)?;
+        let key = client_ip(session).map(|ip| client_key(ip, self.resources.load().ipv6_prefix()));
+        if let (Some(rate), Some(key)) = (ws.handshake_rate, key) {
+            site.stats
+                .limits
+                .rates()
+                .try_take(key, rate)
+                .map_err(|wait| Reject::RateLimited(wait.as_secs_f64().ceil() as u64))?;
+        }
+        let per_client = key.zip(ws.max_connections_per_ip);
+        let slot =
+            Slot::reserve(&site.stats.limits, ws.max_connections, per_client).map_err(|full| {
+                match full {
+                    Full::Resource => Reject::OverCapacity,
+                    Full::Client => Reject::ClientOverCapacity,
+                }
+            })?;
+        Ok((path, slot))
+    }
+
+    /// Opens the tunnel of an upgrade the gate allowed, for the checked (normal) `path`,
+    /// and answers for the origin when it fails.
     async fn tunnel(
         &self,
         session: &mut Session,
         site: &Arc<Site>,
         ctx: &mut RequestCtx,
         slot: Slot,
+        path: &str,
     ) -> Result<()> {
         let res = &site.resource;
         let mut up_req = session.req_header().clone();
+        // What the origin gets is what the gate checked.
+        let target = match session.req_header().uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        if up_req.uri.path() != path || up_req.uri.authority().is_some() {
+            let uri = target
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "normal path", e))?;
+            up_req.set_uri(uri);
+        }
         origin_request(&mut up_req, res, session)?;
         let info = TunnelInfo {
             resource: res.name.clone(),
-            client: session
-                .client_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            client: client_addr(session),
             host: client_host(session.req_header()).to_string(),
-            path: session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
+            path: target,
             client_ip: client_ip(session),
             tls: client_tls(session),
             detachable: self.unbuffered_listeners,
         };
         let report = Reporting {
-            slot,
             site: site.stats.clone(),
             log: self.log.clone(),
             metrics: self.metrics,
@@ -147,6 +199,7 @@ impl EdgeProxy {
             up_req,
             info,
             report,
+            slot,
         )
         .await?;
         let (outcome, answer): (&str, Option<(u16, &'static str)>) = match outcome {
@@ -183,6 +236,29 @@ impl EdgeProxy {
     }
 }
 
+/// The Host a request is for (the Host header, else the `:authority` or absolute-form
+/// target's authority), checked: exactly one Host header at most, agreeing with the
+/// authority when both are there (RFC 9112 §3.2.2, RFC 9113 §8.3.1), and a valid host name
+/// or address ([`crate::routing::valid_host`]). An HTTP/1.1 request without any gets an
+/// error (RFC 9112 §3.2); an HTTP/1.0 request without one is for the empty host (404).
+fn checked_host(req: &RequestHeader) -> std::result::Result<&str, ()> {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let header = match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(()),
+        (Some(h), None) => Some(h.to_str().map_err(|_| ())?),
+        (None, None) => None,
+    };
+    let authority = req.uri.authority().map(|a| a.as_str());
+    let value = match (header, authority) {
+        (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => return Err(()),
+        (Some(h), _) => h,
+        (None, Some(a)) => a,
+        (None, None) if req.version == http::Version::HTTP_10 => return Ok(""),
+        (None, None) => return Err(()),
+    };
+    crate::routing::valid_host(value).ok_or(())
+}
+
 /// The client's Host (or HTTP/2 :authority), without port.
 fn client_host(req: &RequestHeader) -> &str {
     let host = req
@@ -198,6 +274,14 @@ fn client_host(req: &RequestHeader) -> &str {
 fn sni_of(session: &Session) -> Option<String> {
     let ssl = session.digest()?.ssl_digest.as_ref()?;
     ssl.extension.get::<crate::tls::Sni>().map(|s| s.0.clone())
+}
+
+/// The client's address, for logs.
+fn client_addr(session: &Session) -> String {
+    session
+        .client_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 /// The client's IP address.
@@ -224,7 +308,7 @@ async fn respond(session: &mut Session, reject: Reject, upgrade: bool) -> Result
             &[("Retry-After", retry.as_str())]
         }
         // Tunnels end at their own pace; a few seconds spreads the retries out.
-        Reject::OverCapacity => &[("Retry-After", "5")],
+        Reject::OverCapacity | Reject::ClientOverCapacity => &[("Retry-After", "5")],
         _ => &[],
     };
     // A client that asked to leave HTTP on this connection does not keep it for more.
@@ -290,8 +374,10 @@ impl ProxyHttp for EdgeProxy {
         RequestCtx {
             site: None,
             upgrade: false,
+            bad_host: false,
             tunnel: false,
             tried: Vec::new(),
+            retry_same: false,
             started: Instant::now(),
             received: SystemTime::now(),
         }
@@ -302,68 +388,48 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.site = self
-            .resources
-            .load()
-            .find(client_host(session.req_header()))
-            .cloned();
-        ctx.upgrade = handshake::is_upgrade(session.req_header());
+        let req = session.req_header();
+        ctx.upgrade = handshake::is_upgrade(req);
+        match checked_host(req) {
+            Ok(host) => ctx.site = self.resources.load().find(host).cloned(),
+            Err(()) => ctx.bad_host = true,
+        }
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let Some(site) = ctx.site.clone() else {
-            // Not an open proxy: an unknown Host never leads anywhere.
-            self.stats.unknown_host(ctx.upgrade);
-            respond(session, Reject::UnknownHost, ctx.upgrade).await?;
+            // Not an open proxy: a Host that is not a host name, or that no resource
+            // serves, never leads anywhere.
+            let reject = match ctx.bad_host {
+                true => Reject::BadHost,
+                false => Reject::UnknownHost,
+            };
+            self.stats.refused_unrouted(reject, ctx.upgrade);
+            respond(session, reject, ctx.upgrade).await?;
             return Ok(true);
         };
-        if let Some(sni) = sni_of(session) {
-            // No domain fronting across customers: the Host must belong to the resource
-            // whose certificate the connection was made with (RFC 9110 §15.5.20).
-            let sni_site = self.resources.load().find(&sni).cloned();
-            if !sni_site.is_some_and(|s| Arc::ptr_eq(&s.resource, &site.resource)) {
-                respond(session, Reject::Misdirected, ctx.upgrade).await?;
-                return Ok(true);
+        if client_tls(session) && !self.bound_to_connection(session, &site) {
+            if ctx.upgrade {
+                site.stats.handshake(Reject::Misdirected.outcome());
             }
+            respond(session, Reject::Misdirected, ctx.upgrade).await?;
+            return Ok(true);
         }
         if !ctx.upgrade {
             session.set_read_timeout(Some(HTTP_TIMEOUT));
             session.set_write_timeout(Some(HTTP_TIMEOUT));
             return Ok(false);
         }
-        let req = session.req_header();
-        let res = &site.resource;
-        let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let verdict = crate::gate::check(res, req.uri.path())
-            .and_then(|_| handshake::check(req))
-            .and_then(|_| crate::gate::check_origin(res, origin))
-            .and_then(|_| match (res.websocket.handshake_rate, ip) {
-                (Some(rate), Some(ip)) => site
-                    .stats
-                    .limits
-                    .rates()
-                    .try_take(ip, rate)
-                    .map_err(|wait| Reject::RateLimited(wait.as_secs_f64().ceil() as u64)),
-                _ => Ok(()),
-            })
-            .and_then(|_| {
-                Slot::reserve(&site.stats.limits, res.websocket.max_connections)
-                    .ok_or(Reject::OverCapacity)
-            });
-        let slot = match verdict {
-            Ok(slot) => slot,
+        let (path, slot) = match self.admit(session, &site) {
+            Ok(admitted) => admitted,
             Err(reject) => {
                 site.stats.handshake(reject.outcome());
                 respond(session, reject, true).await?;
                 return Ok(true);
             }
         };
-        self.tunnel(session, &site, ctx, slot).await?;
+        self.tunnel(session, &site, ctx, slot, &path).await?;
         Ok(true)
     }
 
@@ -376,10 +442,21 @@ impl ProxyHttp for EdgeProxy {
             .site
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no resource in context"))?;
-        let Some(server) = site.group.next(client_ip(session), &ctx.tried) else {
-            return Error::e_explain(ErrorType::ConnectNoRoute, "no origin server left to try");
+        let server = match (std::mem::take(&mut ctx.retry_same), ctx.tried.last()) {
+            (true, Some(&last)) => last,
+            _ => {
+                let Some(server) = site.group.next(client_ip(session), &ctx.tried) else {
+                    // Every server of the group failed: the origin's fault (502).
+                    return Err(Error::explain(
+                        ErrorType::ConnectNoRoute,
+                        "no origin server left to try",
+                    )
+                    .into_up());
+                };
+                ctx.tried.push(server);
+                server
+            }
         };
-        ctx.tried.push(server);
         let mut peer = origin::peer(
             &site.resource,
             server,
@@ -406,6 +483,28 @@ impl ProxyHttp for EdgeProxy {
         e
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // Pingora's policy: an idempotent request that failed on a reused (pooled)
+        // connection is retried. The connection was likely closed by the origin while
+        // idle, so the retry goes to the same server, on another connection.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        ctx.retry_same = client_reused && e.retry();
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -424,25 +523,21 @@ impl ProxyHttp for EdgeProxy {
             true => 101,
             false => session.response_written().map_or(0, |r| r.status.as_u16()),
         };
-        let Some(site) = &ctx.site else {
-            return; // counted as unknown_host already
-        };
-        site.stats.response(status);
-        // A tunnel logs itself when it closes (also at shutdown, when this is not called).
+        if let Some(site) = &ctx.site {
+            site.stats.response(status);
+        } // else counted by `refused_unrouted` already
+          // A tunnel logs itself when it closes (also at shutdown, when this is not called).
         if ctx.tunnel || !self.log.enabled() {
             return;
         }
         let req = session.req_header();
         let line = JsonLine::new(ctx.received)
             .str("kind", "http")
-            .str("resource", &site.resource.name)
             .str(
-                "client",
-                &session
-                    .client_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
+                "resource",
+                ctx.site.as_ref().map_or("", |s| &s.resource.name),
             )
+            .str("client", &client_addr(session))
             .str("host", client_host(req))
             .str("method", req.method.as_str())
             .str("path", req.uri.path_and_query().map_or("/", |p| p.as_str()))
@@ -451,6 +546,6 @@ impl ProxyHttp for EdgeProxy {
             .num("bytes_origin_to_client", session.body_bytes_sent())
             .num("duration_ms", ctx.started.elapsed().as_millis())
             .finish();
-        self.log.write(&line);
+        self.log.write(line);
     }
 }

@@ -1,10 +1,15 @@
 //! Reload: read, parse and validate the file again; if it is good, swap the resource table
-//! atomically; if not, keep serving the old one and say why. Open tunnels hold the
-//! `Arc<Resource>` they started with, so a reload never touches them.
+//! (certificates included) atomically; if not, keep serving the old one and say why. Open
+//! tunnels hold the `Arc<Resource>` they started with, so a reload never touches them.
+//!
+//! A reload reads files and resolves names, so it runs on a blocking thread, never on a
+//! worker that serves traffic; and nothing in it can take the reloader down: a panic while
+//! loading or building is caught and reported like an invalid file, and the next reload
+//! works.
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
-use crate::proxy::Resources;
-use crate::routing::Router;
+use crate::routing::{Resources, Router};
 use crate::stats::EdgeStats;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -30,7 +35,7 @@ pub struct Reloader {
     /// The configuration being served (listeners are compared against it).
     current: Mutex<Config>,
     last: Mutex<Option<ReloadStatus>>,
-    certificates: Option<Arc<crate::tls::SniResolver>>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Reloader {
@@ -42,27 +47,57 @@ impl Reloader {
             stats,
             current: Mutex::new(config),
             last: Mutex::new(None),
-            certificates: None,
+            access_log: None,
         }
     }
 
-    /// Also reloads the certificates of `resolver` (new TLS handshakes get the new ones;
-    /// open connections keep theirs).
-    pub fn with_certificates(mut self, resolver: Arc<crate::tls::SniResolver>) -> Reloader {
-        self.certificates = Some(resolver);
+    /// Also reopens `log` (a file moved away by log rotation) on every reload.
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Reloader {
+        self.access_log = Some(log);
         self
     }
 
-    /// Reloads now. `Ok` says what changed; `Err` is the error, and the old table serves on.
+    /// Reloads on a blocking thread (files, PEM parsing, DNS) and never fails to answer:
+    /// a panic on the way is reported as a failed reload, and the old table serves on.
+    pub async fn reload_async(self: &Arc<Self>) -> Result<String, String> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.reload()).await {
+            Ok(result) => result,
+            Err(e) => {
+                let why = panic_message(e);
+                let message = format!(
+                    "reload failed, still serving the previous configuration: internal error while loading {}: {why}",
+                    self.path.display()
+                );
+                self.record(Err(message.clone()));
+                Err(message)
+            }
+        }
+    }
+
+    /// Reloads now, on this thread. `Ok` says what changed; `Err` is the error, and the old
+    /// table serves on. Prefer [`Self::reload_async`] from async code.
     pub fn reload(&self) -> Result<String, String> {
-        let result = match Config::load(&self.path) {
-            Ok(new) => {
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let new = Config::load(&self.path)?;
+            let router = Router::new(&new, &self.stats);
+            Ok::<_, crate::ConfigError>((new, router))
+        }));
+        let result = match loaded {
+            Err(panic) => Err(format!(
+                "reload failed, still serving the previous configuration: internal error while loading {}: {}",
+                self.path.display(),
+                panic_text(&*panic)
+            )),
+            Ok(Err(e)) => Err(format!(
+                "reload failed, still serving the previous configuration: {e}"
+            )),
+            Ok(Ok((new, router))) => {
                 // Lock poisoning would mean a panic while swapping; the data is still whole.
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-                self.resources
-                    .store(Arc::new(Router::new(&new, &self.stats)));
-                if let Some(resolver) = &self.certificates {
-                    resolver.store(crate::tls::CertTable::new(&new));
+                self.resources.store(Arc::new(router));
+                if let Some(log) = &self.access_log {
+                    log.reopen(&new.access_log);
                 }
                 for w in &new.warnings {
                     log::warn!("{w}");
@@ -74,17 +109,20 @@ impl Reloader {
                 );
                 if new.listen.http != current.listen.http
                     || new.listen.https != current.listen.https
-                    || new.admin != current.admin
+                    || new.admin.addr != current.admin.addr
                 {
                     message.push_str("; listener changes take effect only after a restart");
                 }
                 *current = new;
                 Ok(message)
             }
-            Err(e) => Err(format!(
-                "reload failed, still serving the previous configuration: {e}"
-            )),
         };
+        self.record(result.clone());
+        result
+    }
+
+    /// Counts, logs and keeps (for `/healthz`) a reload's result.
+    fn record(&self, result: Result<String, String>) {
         self.stats.reload(result.is_ok());
         match &result {
             Ok(m) => log::info!("{m}"),
@@ -98,7 +136,28 @@ impl Reloader {
             },
         };
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
-        result
+    }
+
+    /// Reopens the access log file (log rotation).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            let target = self
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .access_log
+                .clone();
+            log.reopen(&target);
+        }
+    }
+
+    /// The admin listener's settings being served (its token may change on reload).
+    pub fn admin(&self) -> crate::config::Admin {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admin
+            .clone()
     }
 
     /// The last reload's result, if any.
@@ -133,7 +192,52 @@ impl pingora::services::background::BackgroundService for SighupReload {
             tokio::select! {
                 _ = hup.recv() => {
                     log::info!("SIGHUP: reloading");
-                    let _ = self.0.reload();
+                    let _ = self.0.reload_async().await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// What a panic said, for a message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(panic) => panic_text(&*panic),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Reopens the access log on SIGUSR1 (after log rotation moved the file away), as nginx
+/// does on SIGUSR1.
+pub struct ReopenOnUsr1(pub Arc<Reloader>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ReopenOnUsr1 {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut usr1 =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!(
+                        "cannot listen for SIGUSR1, the access log reopens on reload only: {e}"
+                    );
+                    return;
+                }
+            };
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {
+                    log::info!("SIGUSR1: reopening the access log");
+                    self.0.reopen_access_log();
                 }
                 _ = shutdown.changed() => return,
             }

@@ -24,6 +24,7 @@ struct Families {
     closed: IntCounterVec,
     http_responses: IntCounterVec,
     reloads: IntCounterVec,
+    access_log_dropped: IntCounter,
 }
 
 impl Families {
@@ -47,7 +48,14 @@ impl Families {
             &["resource"],
         )?;
         registry.register(Box::new(tunnel_seconds.clone()))?;
+        let access_log_dropped = IntCounter::new(
+            "wsedge_access_log_dropped_total",
+            "Access-log lines dropped because the log's reader or disk did not keep up.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+        registry.register(Box::new(crate::access_log::error_log_dropped().clone()))?;
         Ok(Families {
+            access_log_dropped,
             handshakes: counter(
                 "wsedge_ws_handshakes_total",
                 "WebSocket upgrade requests by outcome.",
@@ -237,23 +245,39 @@ impl EdgeStats {
         map.values().map(|r| r.tunnels_open.get()).sum()
     }
 
+    /// Counts a request header that did not arrive in time (logged as 408, closed without
+    /// an answer, as nginx does).
+    pub fn timed_out_header(&self) {
+        self.families
+            .http_responses
+            .with_label_values(&["", "408"])
+            .inc();
+    }
+
+    /// `wsedge_access_log_dropped_total`, for the access log to count into.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.families.access_log_dropped.clone()
+    }
+
     /// Counts a reload attempt.
     pub fn reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
         self.families.reloads.with_label_values(&[result]).inc();
     }
 
-    /// Counts an upgrade refused before any resource matched.
-    pub fn unknown_host(&self, upgrade: bool) {
+    /// Counts a request refused before any resource matched (no resource for its Host, a
+    /// bad Host, or a request the header guard refused before Pingora parsed it): a
+    /// response with resource `""`, and for an upgrade its handshake outcome.
+    pub fn refused_unrouted(&self, reject: crate::handshake::Reject, upgrade: bool) {
         if upgrade {
             self.families
                 .handshakes
-                .with_label_values(&["", "unknown_host"])
+                .with_label_values(&["", reject.outcome()])
                 .inc();
         }
         self.families
             .http_responses
-            .with_label_values(&["", "404"])
+            .with_label_values(&["", &reject.status().to_string()])
             .inc();
     }
 

@@ -1,14 +1,14 @@
-//! TLS at the edge: certificates per resource chosen by SNI (exact names before wildcards,
-//! like Host routing), an optional default certificate, and the SNI of each connection
-//! kept so the proxy can refuse a Host of another resource (421).
+//! TLS at the edge: the certificate of a connection follows routing (the resource its SNI
+//! routes to serves its own certificate; a resource without one, an unknown name or no SNI
+//! get the default certificate, if any), and the SNI of each connection is kept so the
+//! proxy can refuse a Host of another resource (421).
 
-use arc_swap::ArcSwap;
+use crate::routing::Resources;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 use std::any::Any;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,6 +19,9 @@ pub struct Certificate {
     pub key: Arc<CertifiedKey>,
     /// When the leaf expires (unix seconds).
     pub not_after: i64,
+    /// The names the leaf is valid for: its subject alternative names, DNS names in lower
+    /// case (`*.` wildcards as written) and IP addresses (IPv6 in brackets, as in a Host).
+    pub names: Vec<String>,
 }
 
 impl std::fmt::Debug for Certificate {
@@ -54,6 +57,32 @@ impl Certificate {
         })?;
         let not_after = parsed.validity().not_after.timestamp();
         let spki = parsed.tbs_certificate.subject_pki.raw.to_vec();
+        let names = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::DNSName(d) => {
+                            Some(d.to_ascii_lowercase())
+                        }
+                        x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                            4 => <[u8; 4]>::try_from(*ip)
+                                .ok()
+                                .map(|b| std::net::Ipv4Addr::from(b).to_string()),
+                            16 => <[u8; 16]>::try_from(*ip)
+                                .ok()
+                                .map(|b| format!("[{}]", std::net::Ipv6Addr::from(b))),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
 
         let key_pem =
             std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
@@ -80,6 +109,7 @@ impl Certificate {
         Ok(Certificate {
             key: Arc::new(CertifiedKey::new(certs, signing)),
             not_after,
+            names,
         })
     }
 
@@ -87,75 +117,45 @@ impl Certificate {
     pub fn expired(&self, now: i64) -> bool {
         self.not_after < now
     }
-}
 
-/// Hostname → certificate, built from a configuration.
-#[derive(Debug, Default)]
-pub struct CertTable {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Option<Arc<CertifiedKey>>,
-}
-
-impl CertTable {
-    /// The table for `config`: each resource's certificate under each of its hostnames.
-    pub fn new(config: &crate::Config) -> CertTable {
-        let mut t = CertTable {
-            default: config.default_certificate.as_ref().map(|c| c.key.clone()),
-            ..CertTable::default()
-        };
-        for r in &config.resources {
-            let Some(cert) = &r.tls else { continue };
-            for h in &r.hostnames {
-                match h.strip_prefix("*.") {
-                    Some(parent) => t.wildcard.insert(parent.to_string(), cert.key.clone()),
-                    None => t.exact.insert(h.clone(), cert.key.clone()),
-                };
-            }
-        }
-        t
-    }
-
-    fn find(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = sni else {
-            return self.default.clone();
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.exact
-            .get(&name)
-            .or_else(|| {
-                name.split_once('.')
-                    .and_then(|(_, parent)| self.wildcard.get(parent))
-            })
-            .or(self.default.as_ref())
-            .cloned()
+    /// Whether the leaf is valid for `host` (no port): one of its names exactly, or a `*.`
+    /// name one label up (RFC 6125 §6.4.3).
+    pub fn covers(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let parent = host.split_once('.').map(|(_, p)| p);
+        self.names.iter().any(|n| match n.strip_prefix("*.") {
+            Some(suffix) => parent == Some(suffix),
+            None => *n == host,
+        })
     }
 }
 
-/// Chooses the certificate by SNI; swapped whole on reload (open connections keep theirs).
-#[derive(Debug, Default)]
+/// Chooses a connection's certificate by routing its SNI through the live resource table,
+/// so the choice always agrees with routing and is swapped with it on reload (open
+/// connections keep theirs): the resource the name routes to serves its certificate; a
+/// resource without one, a name no resource serves and a client without SNI get the
+/// default certificate; without one the handshake fails, so an unknown name never gets a
+/// customer's certificate.
+#[derive(Debug)]
 pub struct SniResolver {
-    table: ArcSwap<CertTable>,
+    table: Resources,
 }
 
 impl SniResolver {
-    /// A resolver serving `table`.
-    pub fn new(table: CertTable) -> SniResolver {
-        SniResolver {
-            table: ArcSwap::from_pointee(table),
-        }
-    }
-
-    /// Replaces the certificates (a reload).
-    pub fn store(&self, table: CertTable) {
-        self.table.store(Arc::new(table));
+    /// A resolver over the live table `table`.
+    pub fn new(table: Resources) -> SniResolver {
+        SniResolver { table }
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // None fails the handshake: an unknown name gets no certificate of a customer.
-        self.table.load().find(hello.server_name())
+        let router = self.table.load();
+        let own = hello
+            .server_name()
+            .and_then(|name| router.find(name))
+            .and_then(|site| site.resource.tls.as_ref());
+        own.or(router.default_certificate()).map(|c| c.key.clone())
     }
 }
 

@@ -20,6 +20,7 @@ use crate::access_log::{AccessLog, JsonLine};
 use crate::config::Resource;
 use crate::frames::FrameReader;
 use crate::limits::Slot;
+use crate::listener::ClientConn;
 use crate::origin::{self, OriginGroup};
 use crate::stats::ResourceStats;
 use bytes::Bytes;
@@ -34,7 +35,7 @@ use pingora::proxy::Session;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,7 +44,7 @@ use std::time::SystemTime;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 
 /// Why a tunnel ended (DESIGN.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +123,9 @@ pub struct TunnelInfo {
     pub detachable: bool,
 }
 
-/// Where a tunnel reports: the process-wide and the resource's counters, the access log,
-/// and whether per-chunk metrics are on.
+/// Where a tunnel reports: the resource's counters, the access log, and whether per-chunk
+/// metrics are on.
 pub struct Reporting {
-    /// The resource's tunnel slot (`max_connections`), freed when the tunnel ends.
-    pub slot: Slot,
     /// The resource's counters.
     pub site: Arc<ResourceStats>,
     /// The access log.
@@ -146,16 +145,17 @@ struct Direction {
 }
 
 impl Direction {
-    /// Accounts for a chunk; per chunk this is two additions and, with metrics on, a walk
-    /// over the frame headers in it and two atomic adds.
+    /// Accounts for a chunk; per chunk this is a walk over the frame headers in it (the
+    /// close reason and code come from them, metrics or not) and, with metrics on, two
+    /// atomic adds.
     fn pass(&mut self, chunk: &[u8], counters: &Counters<'_>) {
         self.bytes += chunk.len() as u64;
+        let seen = self.frames.feed(chunk);
+        self.messages += u64::from(seen.messages);
+        if seen.close && self.close_at.is_none() {
+            self.close_at = Some(Instant::now());
+        }
         if counters.metrics {
-            let seen = self.frames.feed(chunk);
-            self.messages += u64::from(seen.messages);
-            if seen.close && self.close_at.is_none() {
-                self.close_at = Some(Instant::now());
-            }
             counters.bytes.inc_by(chunk.len() as u64);
             if seen.messages > 0 {
                 counters.messages.inc_by(u64::from(seen.messages));
@@ -170,6 +170,8 @@ impl Direction {
 struct TunnelGuard {
     info: TunnelInfo,
     report: Reporting,
+    /// The tunnel's slot (`max_connections`, `max_connections_per_ip`), freed with it.
+    _slot: Slot,
     server: SocketAddr,
     opened_at: SystemTime,
     started: Instant,
@@ -179,11 +181,12 @@ struct TunnelGuard {
 }
 
 impl TunnelGuard {
-    fn new(info: TunnelInfo, report: Reporting, server: SocketAddr) -> TunnelGuard {
+    fn new(info: TunnelInfo, report: Reporting, slot: Slot, server: SocketAddr) -> TunnelGuard {
         report.site.tunnel_opened();
         TunnelGuard {
             info,
             report,
+            _slot: slot,
             server,
             opened_at: SystemTime::now(),
             started: Instant::now(),
@@ -250,12 +253,14 @@ impl Drop for TunnelGuard {
             .opt("close_code", self.close_code())
             .str("origin", &self.server.to_string())
             .finish();
-        self.report.log.write(&line);
+        self.report.log.write(line);
     }
 }
 
 /// Sends the upgrade to the resource's origin group and, on 101, relays until the end.
+/// `slot` is held by the tunnel, and given back as soon as the answer is not a 101.
 /// Errors are the client's side failing while the origin's answer is written.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     session: &mut Session,
     res: &Resource,
@@ -264,6 +269,7 @@ pub async fn run(
     req: RequestHeader,
     info: TunnelInfo,
     report: Reporting,
+    slot: Slot,
 ) -> pingora::Result<Outcome> {
     // Try the group's servers (healthy primaries, then backups), each once; a server that
     // refuses or cannot be reached costs no more than its connect attempt.
@@ -289,32 +295,43 @@ pub async fn run(
         return Ok(Outcome::Unreachable);
     };
 
-    let resp = match timeout(res.websocket.handshake_timeout, up.read_resp_header_parts()).await {
-        Err(_) => return Ok(Outcome::HandshakeTimeout),
-        Ok(Err(e)) => {
-            log::warn!(
-                "resource {}: origin {server}: reading the upgrade answer: {e}",
-                res.name
-            );
-            return Ok(Outcome::Unreachable);
+    // The whole answer header, interim answers included, within the handshake timeout.
+    let deadline = tokio::time::Instant::now() + res.websocket.handshake_timeout;
+    let resp = loop {
+        let resp = match tokio::time::timeout_at(deadline, up.read_resp_header_parts()).await {
+            Err(_) => return Ok(Outcome::HandshakeTimeout),
+            Ok(Err(e)) => {
+                log::warn!(
+                    "resource {}: origin {server}: reading the upgrade answer: {e}",
+                    res.name
+                );
+                return Ok(Outcome::Unreachable);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        // RFC 9110 §15.2: a proxy forwards 1xx answers (103 Early Hints, a 100 Continue)
+        // and reads on for the final one.
+        if resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            match timeout_at(deadline, session.write_response_header(resp, false)).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(Outcome::HandshakeTimeout),
+            }
+            continue;
         }
-        Ok(Ok(resp)) => resp,
+        break resp;
     };
 
     if resp.status.as_u16() != 101 {
+        // Not a tunnel: its slot is free now, and the answer is passed on within bounds.
+        drop(slot);
         let status = resp.status.as_u16();
-        pass_answer(session, &mut up, resp).await?;
+        pass_answer(session, &mut up, resp, res.websocket.handshake_timeout).await?;
         return Ok(Outcome::Refused(status));
     }
 
     // RFC 6455 §4.1: a 101 that does not switch to websocket is not a WebSocket answer;
     // relaying it would hand the client a connection in an unknown protocol.
-    let upgrades_to_ws = resp.headers.get_all(http::header::UPGRADE).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    });
-    if !upgrades_to_ws {
+    if !crate::handshake::has_token(&resp.headers, http::header::UPGRADE, "websocket") {
         log::warn!(
             "resource {}: origin {server} answered 101 without Upgrade: websocket",
             res.name
@@ -323,7 +340,8 @@ pub async fn run(
     }
 
     session.write_response_header(resp, false).await?;
-    let guard = TunnelGuard::new(info, report, server);
+    let idle = res.websocket.idle_timeout;
+    let guard = TunnelGuard::new(info, report, slot, server);
     let Some((client, from_client)) = take_client(session) else {
         // Upgrades only come over HTTP/1 (there is no RFC 8441 here): not reached.
         let mut guard = guard;
@@ -340,6 +358,8 @@ pub async fn run(
         true => detach(client),
         false => client,
     };
+    crate::os::set_user_timeout(&*client, idle);
+    crate::os::set_user_timeout(&*origin, idle);
     // The tunnel runs as a task of its own; Pingora's request state ends here.
     tokio::spawn(Tunnel::new(
         client,
@@ -351,13 +371,18 @@ pub async fn run(
     Ok(Outcome::Opened)
 }
 
-/// Passes an origin's non-101 answer (header and body) to the client unchanged.
+/// Passes an origin's non-101 answer (header and body) to the client unchanged. Each read
+/// from the origin must come within `limit` (an origin that answers and goes silent is not
+/// waited for), and so must each write to the client.
 async fn pass_answer(
     session: &mut Session,
     up: &mut OriginSession,
     resp: Box<ResponseHeader>,
+    limit: Duration,
 ) -> pingora::Result<()> {
     session.set_keepalive(None);
+    session.set_write_timeout(Some(limit));
+    up.read_timeout = Some(limit);
     session.write_response_header(resp, false).await?;
     loop {
         match up.read_body_bytes().await {
@@ -365,7 +390,8 @@ async fn pass_answer(
             Ok(None) => break,
             Err(e) => {
                 log::warn!("origin answer body cut short: {e}");
-                break;
+                // The client must not take a cut body for a whole one.
+                return Err(e);
             }
         }
     }
@@ -505,6 +531,14 @@ fn take_client(session: &mut Session) -> Option<(Stream, Option<Bytes>)> {
     match std::mem::replace(&mut *session.downstream_session, stand_in) {
         ServerSession::H1(mut h1) => {
             h1.set_read_timeout(None);
+            // Behind the header guard the session holds the header only (the body of an
+            // upgrade is empty): what the client sent after it is in the guard's stash.
+            // Otherwise the session may have read some already.
+            if h1.stream().as_any().is::<ClientConn>() {
+                let conn = h1.into_inner().into_any().downcast::<ClientConn>().ok()?;
+                let (stream, early) = conn.into_parts();
+                return Some((stream, (!early.is_empty()).then(|| early.freeze())));
+            }
             let early = poll_preread(h1.read_body_bytes());
             Some((h1.into_inner(), early))
         }
@@ -541,17 +575,10 @@ fn detach(mut stream: Stream) -> Stream {
         .as_any()
         .downcast_ref::<L4Stream>()
         .map(|s| s.as_raw_fd());
-    let Some(fd) = fd else {
+    let Some(Ok(dup)) = fd.map(crate::os::dup_socket) else {
         return stream;
     };
-    // SAFETY: `fd` is the open socket owned by `stream`; `dup` only reads it. The
-    // duplicate is a new descriptor that nothing else owns, so `OwnedFd` may close it.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        return stream;
-    }
-    // SAFETY: `dup` is valid (checked above) and owned by nobody else.
-    let std = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(dup) });
+    let std = std::net::TcpStream::from(dup);
     // The duplicate shares the socket's non-blocking flag; drop the wrapper (and its
     // registration with the reactor) before registering the duplicate.
     drop(stream);
@@ -566,12 +593,18 @@ fn detach(mut stream: Stream) -> Stream {
     }
 }
 
-/// The relay's read buffer: one per worker thread, lent to a tunnel only for the span of
-/// one read and the write that follows it. A tunnel keeps bytes of its own only when the
-/// destination cannot take them right away, so an idle tunnel holds no buffer at all.
-const RELAY_BUF: usize = 256 * 1024;
+/// The most a tunnel reads from one side at a time, and so the most it can hold for a
+/// destination that does not take it: reading from a side resumes only once what was read
+/// from it is all written on. A client that never reads thus costs a tunnel at most this
+/// much per direction, however much the origin sends (nginx holds its `proxy_buffer_size`,
+/// HAProxy its `tune.bufsize`, 16 KiB). Larger reads move large messages in fewer system
+/// calls; docs/benchmarks.md has what this size costs against 256 KiB.
+pub const RELAY_BUF: usize = 32 * 1024;
 
 thread_local! {
+    /// The relay's read buffer: one per worker thread, lent to a tunnel only for the span of
+    /// one read and the write that follows it. A tunnel keeps bytes of its own only when the
+    /// destination cannot take them right away, so an idle tunnel holds no buffer at all.
     static READ_BUF: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0; RELAY_BUF].into_boxed_slice());
 }
@@ -887,5 +920,86 @@ impl Future for Tunnel {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::EdgeStats;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    fn websocket() -> crate::config::WebSocket {
+        let yaml = "listen: { http: [\"127.0.0.1:0\"] }\nresources:\n  - name: t\n    hostnames: [a.b]\n    origin: { servers: [{ address: \"127.0.0.1:1\" }] }\n";
+        let config = crate::Config::from_yaml("t.yaml", yaml).unwrap();
+        config.resources[0].websocket.clone()
+    }
+
+    /// A tunnel between two in-memory pipes: (tunnel, client's far end, origin's far end).
+    fn tunnel(client_capacity: usize) -> (Tunnel, DuplexStream, DuplexStream) {
+        let stats = EdgeStats::default();
+        let site = stats.resource("t");
+        let slot = Slot::reserve(&site.limits, None, None).unwrap();
+        let report = Reporting {
+            site,
+            log: Arc::new(AccessLog::off()),
+            metrics: true,
+        };
+        let info = TunnelInfo {
+            resource: "t".into(),
+            client: String::new(),
+            host: String::new(),
+            path: "/".into(),
+            client_ip: None,
+            tls: false,
+            detachable: false,
+        };
+        let guard = TunnelGuard::new(info, report, slot, "127.0.0.1:1".parse().unwrap());
+        let (client, client_far) = tokio::io::duplex(client_capacity);
+        let (origin, origin_far) = tokio::io::duplex(4 << 20);
+        let t = Tunnel::new(
+            Box::new(client),
+            Box::new(origin),
+            &websocket(),
+            guard,
+            [None, None],
+        );
+        (t, client_far, origin_far)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_holds_at_most_one_read_per_direction() {
+        let (mut t, mut client_far, mut origin_far) = tunnel(4096);
+        let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            origin_far.write_all(&to_send).await.unwrap();
+            origin_far
+        });
+        // Relay until nothing moves: the client reads nothing.
+        for _ in 0..200 {
+            assert!(futures_util::poll!(&mut t).is_pending());
+            tokio::task::yield_now().await;
+        }
+        let held = t.o2c.pending.len();
+        assert!(held > 0, "the client's side never filled");
+        // The documented bound: one read, 32 KiB (nginx and HAProxy hold 16 KiB).
+        assert!(held <= 32 * 1024, "a stalled client pins {held} bytes");
+        // The client reads again: every byte arrives, in order.
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 4 << 20];
+            client_far.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let relay = tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        });
+        let got = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == sent, "bytes were lost or reordered");
+        drop(writer.await.unwrap());
+        relay.abort();
     }
 }

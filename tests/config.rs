@@ -217,3 +217,101 @@ fn names_resolve_at_load_and_an_unresolvable_one_is_an_error() {
         "every server is a backup",
     );
 }
+
+#[test]
+fn hardening_keys_refuse_hostile_values_with_file_line_and_key() {
+    let with_client = |client: &str| format!("client: {{ {client} }}\n{GOOD}");
+    assert_error(
+        &with_client("ipv6_prefix: 200"),
+        1,
+        "client.ipv6_prefix",
+        None,
+        "from 32 to 128",
+    );
+    assert_error(
+        &with_client("max_header_bytes: 10"),
+        1,
+        "client.max_header_bytes",
+        None,
+        "from 1024 to 1048576",
+    );
+    assert_error(
+        &with_client("keepalive_timeout: 100000h"),
+        1,
+        "client.keepalive_timeout",
+        None,
+        "too long",
+    );
+    let ws = |extra: &str| {
+        GOOD.replace(
+            "      idle_timeout: 60s",
+            &format!("      idle_timeout: 60s\n      {extra}"),
+        )
+    };
+    assert_error(
+        &ws("max_connections_per_ip: 0"),
+        11,
+        "websocket.max_connections_per_ip",
+        Some("chat"),
+        "out of range",
+    );
+    assert_error(
+        &ws("paths: [\"/ws/../admin\"]"),
+        11,
+        "websocket.paths",
+        Some("chat"),
+        "write \"/admin\"",
+    );
+    assert_error(
+        &ws("paths: [\"/ws/%2F\"]"),
+        11,
+        "websocket.paths",
+        Some("chat"),
+        "encoded '/'",
+    );
+    assert_error(
+        &GOOD.replace(
+            "        - { address: \"127.0.0.1:9000\" }",
+            "        - { address: \"127.0.0.1:9000\", weight: 1001 }",
+        ),
+        8,
+        "weight",
+        Some("chat"),
+        "from 1 to 1000",
+    );
+    assert_error(
+        &GOOD.replace(
+            "      servers:\n        - { address: \"127.0.0.1:9000\" }",
+            "      health_check: { path: \"/health check\" }\n      servers:\n        - { address: \"127.0.0.1:9000\" }",
+        ),
+        7,
+        "health_check.path",
+        Some("chat"),
+        "health check path",
+    );
+    // The admin listener: a map with unknown keys, and token files that protect nothing.
+    assert_error(
+        &format!("admin: {{ listen: \"127.0.0.1:9090\", tokn_file: x }}\n{GOOD}"),
+        1,
+        "admin",
+        None,
+        "unknown field",
+    );
+    let dir = common::scratch_dir("token");
+    std::fs::write(dir.join("short"), "secret\n").unwrap();
+    assert_error(
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:9090\", token_file: \"{}\" }}\n{GOOD}",
+            dir.join("short").display()
+        ),
+        1,
+        "admin.token_file",
+        None,
+        "at least 16 printable characters",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    // A non-loopback admin listener without a token is a warning, not an error.
+    let (ok, err, _) = check(&format!("admin: \"0.0.0.0:9090\"\n{GOOD}"));
+    assert!(ok, "{err}");
+    assert!(err.contains("set admin.token_file"), "{err}");
+}

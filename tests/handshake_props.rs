@@ -92,3 +92,146 @@ proptest! {
         let _ = handshake::is_upgrade(&req);
     }
 }
+
+// Paths: what the gate decides on, and what an origin makes of what it is sent.
+
+/// Pieces of paths an attacker tries, and some noise.
+fn segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop_oneof![
+            Just("ws"),
+            Just("admin"),
+            Just("room"),
+            Just("."),
+            Just(".."),
+            Just(""),
+            Just("%2e"),
+            Just("%2E%2e"),
+            Just("%2e."),
+            Just(".%2E"),
+            Just("%2f"),
+            Just("%2F"),
+            Just("%5c"),
+            Just("\\"),
+            Just("%252e%252e"),
+            Just("%25"),
+            Just("%2532%2545"),
+            Just("..;"),
+            Just(".;x"),
+            Just("..%3b"),
+            Just("%77s"),
+            Just("w%73"),
+            Just("a%20b"),
+            Just("%00"),
+            Just("%zz"),
+            Just("%C3%A9"),
+            Just(";x"),
+            Just("ws%2f.."),
+        ]
+        .prop_map(str::to_string),
+        "[a-z.%;~0-9A-F]{0,6}",
+    ]
+}
+
+fn raw_path() -> impl Strategy<Value = String> {
+    proptest::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
+}
+
+/// How a lenient origin reads a path: decodes every percent-encoding (up to three times,
+/// for origins that decode again), takes `\` for `/`, drops `;parameters`, merges slashes
+/// and resolves dot-segments (never above the root).
+fn origin_view(path: &str) -> String {
+    let mut bytes = path.as_bytes().to_vec();
+    for _ in 0..3 {
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        bytes = out;
+    }
+    let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        let seg = seg.split(';').next().unwrap_or("");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+fn with_paths(paths: &str) -> std::sync::Arc<wsedge::Resource> {
+    let yaml = format!(
+        "listen: {{ http: [\"127.0.0.1:0\"] }}\nresources:\n  - name: r\n    hostnames: [a.b]\n    origin: {{ servers: [{{ address: \"127.0.0.1:1\" }}] }}\n    websocket: {{ paths: {paths} }}\n"
+    );
+    wsedge::Config::from_yaml("t.yaml", &yaml)
+        .unwrap()
+        .resources[0]
+        .clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000)
+    ))]
+
+    #[test]
+    fn nothing_outside_paths_ever_reaches_the_origin(raw in raw_path()) {
+        let res = with_paths("[\"/ws\"]");
+        if let Ok(sent) = wsedge::gate::check(&res, &raw) {
+            let seen = origin_view(&sent);
+            prop_assert!(
+                seen == "/ws" || seen.starts_with("/ws/"),
+                "{} was let through as {} and an origin reads {}", raw, sent, seen
+            );
+        }
+    }
+
+    #[test]
+    fn the_decision_on_a_normal_path_is_the_decision_on_the_raw_path(raw in raw_path()) {
+        let res = with_paths("[\"/ws\", \"/api/\"]");
+        if let Ok(normal) = wsedge::path::normalize(&raw) {
+            // Normal form is a fixed point.
+            prop_assert_eq!(wsedge::path::normalize(&normal).unwrap(), normal.clone());
+            if normal == raw {
+                prop_assert_eq!(
+                    wsedge::gate::check(&res, &raw).is_ok(),
+                    res.path_allowed(&raw),
+                    "{}", raw
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_host_names_and_addresses_are_hosts(
+        host in prop_oneof![
+            "[a-z0-9.-]{0,20}(:[0-9]{0,6})?",
+            "\\[[0-9a-f:]{0,12}\\](:[0-9]{1,5})?",
+            proptest::collection::vec(0x20u8..0x7f, 0..30).prop_map(|v| String::from_utf8(v).unwrap()),
+        ]
+    ) {
+        if let Some(name) = wsedge::routing::valid_host(&host) {
+            prop_assert!(!name.is_empty());
+            prop_assert!(
+                name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b)),
+                "{:?}", host
+            );
+            prop_assert!(!host.contains(['/', ' ', '"', '@', '%', '\\']), "{:?}", host);
+        }
+    }
+}

@@ -16,9 +16,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub pingora: Option<BTreeMap<String, serde_yaml::Value>>,
     pub listen: ListenFile,
-    /// The admin listener (/healthz, /reload, /metrics).
+    /// The admin listener (/healthz, /reload, /metrics): `ip:port`, or a map with a token.
     #[serde(default)]
-    pub admin: Option<Addr>,
+    pub admin: Option<AdminFile>,
     /// Per-chunk metrics and frame parsing; off saves their cost.
     #[serde(default)]
     pub metrics: Option<bool>,
@@ -50,6 +50,53 @@ pub struct ListenFile {
 pub struct TlsFile {
     pub certificate: String,
     pub private_key: String,
+}
+
+/// `admin: "127.0.0.1:9090"` or `admin: { listen: ..., token_file: ..., hostnames: [...] }`.
+#[derive(Debug)]
+pub struct AdminFile {
+    pub listen: Addr,
+    /// A file holding the bearer token that `POST` endpoints require.
+    pub token_file: Option<String>,
+    /// Host names (besides IP addresses and `localhost`) the admin listener answers to.
+    pub hostnames: Vec<Hostname>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminMap {
+    listen: Addr,
+    token_file: Option<String>,
+    #[serde(default)]
+    hostnames: Vec<Hostname>,
+}
+
+impl<'de> Deserialize<'de> for AdminFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = AdminFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address like \"127.0.0.1:9090\", or a map with `listen` and optionally `token_file` and `hostnames`")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<AdminFile, E> {
+                Ok(AdminFile {
+                    listen: Addr(parse_addr(s).map_err(E::custom)?),
+                    token_file: None,
+                    hostnames: Vec::new(),
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<AdminFile, A::Error> {
+                let m = AdminMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(AdminFile {
+                    listen: m.listen,
+                    token_file: m.token_file,
+                    hostnames: m.hostnames,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Resource keys that apply to every resource unless the resource sets them.
@@ -129,7 +176,7 @@ pub struct OriginFile {
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     pub address: HostPort,
-    pub weight: Option<u32>,
+    pub weight: Option<Ranged<1, 1000>>,
     pub backup: Option<bool>,
 }
 
@@ -148,10 +195,10 @@ pub enum Balance {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckFile {
-    pub path: Option<PathPrefix>,
+    pub path: Option<HealthPath>,
     pub interval: Option<DurationStr>,
-    pub healthy_after: Option<u32>,
-    pub unhealthy_after: Option<u32>,
+    pub healthy_after: Option<Ranged<1, 1000>>,
+    pub unhealthy_after: Option<Ranged<1, 1000>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +210,7 @@ pub struct WebSocketFile {
     pub paths: Option<Vec<PathPrefix>>,
     pub allowed_origins: Option<Vec<OriginName>>,
     pub max_connections: Option<u32>,
+    pub max_connections_per_ip: Option<Ranged<1, 4_294_967_295>>,
     pub handshake_rate: Option<RateFile>,
     pub max_lifetime: Option<DurationStr>,
 }
@@ -172,7 +220,7 @@ pub struct WebSocketFile {
 #[serde(deny_unknown_fields)]
 pub struct RateFile {
     pub rate: PerSecond,
-    pub burst: Option<u32>,
+    pub burst: Option<Ranged<1, 1_000_000>>,
 }
 
 /// Limits on what clients send before a request is known.
@@ -180,7 +228,28 @@ pub struct RateFile {
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
     pub header_timeout: Option<DurationStr>,
-    pub max_header_bytes: Option<usize>,
+    /// Pingora refuses request headers over 1 MiB whatever this says.
+    pub max_header_bytes: Option<Ranged<1024, 1_048_576>>,
+    pub keepalive_timeout: Option<DurationStr>,
+    pub ipv6_prefix: Option<Ranged<32, 128>>,
+}
+
+/// A whole number between `LO` and `HI` (both included); anything else is an error that
+/// names the range, so a typo cannot turn into a huge allocation or a zero divisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ranged<const LO: u64, const HI: u64>(pub u64);
+
+impl<'de, const LO: u64, const HI: u64> Deserialize<'de> for Ranged<LO, HI> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        if (LO..=HI).contains(&v) {
+            Ok(Ranged(v))
+        } else {
+            Err(de::Error::custom(format!(
+                "\"{v}\" is out of range: write a whole number from {LO} to {HI}"
+            )))
+        }
+    }
 }
 
 fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerFile>, D::Error> {
@@ -250,8 +319,12 @@ parsed_string!(
     Hostname(String) = parse_hostname
 );
 parsed_string!(
-    /// A path prefix starting with `/`.
+    /// A path prefix starting with `/`, in normal form.
     PathPrefix(String) = parse_path
+);
+parsed_string!(
+    /// The path (and query) a health check requests.
+    HealthPath(http::uri::PathAndQuery) = parse_health_path
 );
 parsed_string!(
     /// An exact origin `scheme://host[:port]`, lower-cased, or `none`.
@@ -299,7 +372,11 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(f64::from(n) / per)
 }
 
-/// Parses `500ms`, `60s`, `5m`, `1h`.
+/// The longest duration the file may give (a year): long enough for any timeout or
+/// lifetime, and far from where adding it to a clock overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// Parses `500ms`, `60s`, `5m`, `1h`, up to [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let help = "write a whole number followed by ms, s, m or h, like 500ms, 60s, 5m or 1h";
     let t = s.trim();
@@ -308,12 +385,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid duration \"{s}\": {help}"))?;
+    let secs = |per: u64| n.checked_mul(per).map(Duration::from_secs);
     let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => return Err(format!("invalid duration \"{s}\": {help}")),
+    };
+    let Some(d) = d.filter(|d| *d <= MAX_DURATION) else {
+        return Err(format!(
+            "duration \"{s}\" is too long: at most 8784h (a year)"
+        ));
     };
     if d.is_zero() {
         return Err(format!("duration \"{s}\" is zero: {help}"));
@@ -355,13 +438,32 @@ fn parse_hostname(s: &str) -> Result<String, String> {
 }
 
 fn parse_path(s: &str) -> Result<String, String> {
-    if s.starts_with('/') {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
+    if !s.starts_with('/') {
+        return Err(format!(
             "invalid path prefix \"{s}\": it must start with '/', like /ws"
-        ))
+        ));
     }
+    // Requests are matched in normal form (see crate::path), so a prefix that is not in
+    // normal form could never match, or would match something else than it reads.
+    match crate::path::normalize(s) {
+        Ok(n) if n == s => Ok(s.to_string()),
+        Ok(n) => Err(format!(
+            "path prefix \"{s}\" is not in normal form: requests are matched after dot-segments are resolved, slashes merged and unreserved characters decoded; write \"{n}\""
+        )),
+        Err(e) => Err(format!(
+            "invalid path prefix \"{s}\": {}",
+            e.body().trim_end().to_lowercase()
+        )),
+    }
+}
+
+fn parse_health_path(s: &str) -> Result<http::uri::PathAndQuery, String> {
+    let help = "write a path like /healthz or /status?full=1";
+    if !s.starts_with('/') {
+        return Err(format!("invalid health check path \"{s}\": {help}"));
+    }
+    s.parse()
+        .map_err(|_| format!("invalid health check path \"{s}\" (spaces and control characters must be percent-encoded): {help}"))
 }
 
 #[cfg(test)]
@@ -374,9 +476,22 @@ mod tests {
         assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        for bad in ["", "5", "s", "5x", "1.5s", "-1s", "0s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5x",
+            "1.5s",
+            "-1s",
+            "0s",
+            "18446744073709551615h",
+            "5124095576030431h",
+            "8785h",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should fail");
         }
+        assert_eq!(parse_duration("8784h").unwrap(), MAX_DURATION);
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub struct Config {
     pub pingora_yaml: Option<String>,
     /// Listening addresses.
     pub listen: Listen,
-    /// The admin listener's address.
-    pub admin: SocketAddr,
+    /// The admin listener.
+    pub admin: Admin,
     /// Whether tunnels count bytes and messages into metrics as they pass (frame parsing
     /// included); access-log lines and close reasons are kept either way.
     pub metrics: bool,
@@ -46,6 +46,17 @@ pub struct Config {
     pub default_certificate: Option<crate::tls::Certificate>,
     /// Things that work but deserve a look (an expired certificate, say).
     pub warnings: Vec<String>,
+}
+
+/// The admin listener and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The bearer token `POST` endpoints require (read from `token_file`), if any.
+    pub token: Option<String>,
+    /// Host names it answers to besides IP addresses and `localhost` (lower case).
+    pub hostnames: Vec<String>,
 }
 
 /// Where access-log lines go.
@@ -125,7 +136,7 @@ pub struct Server {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// `GET path` expecting 2xx; `None` checks a TCP connect.
-    pub path: Option<String>,
+    pub path: Option<http::uri::PathAndQuery>,
     /// Time between checks.
     pub interval: Duration,
     /// Consecutive successes that mark a server up.
@@ -150,6 +161,9 @@ pub struct WebSocket {
     pub allowed_origins: Vec<String>,
     /// Open tunnels of the resource on this edge, at most.
     pub max_connections: Option<u32>,
+    /// Open tunnels of the resource from one client (IPv4 address, or IPv6 prefix of
+    /// `client.ipv6_prefix` bits) on this edge, at most.
+    pub max_connections_per_ip: Option<u32>,
     /// Handshakes per client IP.
     pub handshake_rate: Option<HandshakeRate>,
     /// A tunnel older than this is closed.
@@ -168,16 +182,30 @@ pub struct HandshakeRate {
 /// Limits on what clients send before their request is known.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
-    /// The whole request header must arrive within this (slowloris).
+    /// Every request header must arrive within this from its first byte, and a TLS
+    /// handshake (or an HTTP/2 preface) within this from the connection (slowloris).
     pub header_timeout: Duration,
-    /// A request header larger than this gets 431.
+    /// A request header larger than this gets 431 (HTTP/1.1 and HTTP/2).
     pub max_header_bytes: usize,
+    /// A kept-alive HTTP/1.1 connection waits this long for the next request, an HTTP/2
+    /// connection this long without a stream, before it is closed.
+    pub keepalive_timeout: Duration,
+    /// IPv6 clients are told apart by this many leading bits in per-IP limits (64: one
+    /// subscriber's network; 128: every address on its own).
+    pub ipv6_prefix: u8,
 }
 
 /// Time a client has to send a complete request header, when not configured.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request header accepted, when not configured (like nginx's 4 × 8 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Idle time of a kept-alive client connection, when not configured (Pingora's and about
+/// nginx's `keepalive_timeout`).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// IPv6 prefix that identifies one client in per-IP limits, when not configured: a /64 is
+/// what one subscriber or host gets, and trying addresses within it must not multiply
+/// anyone's share.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 impl Config {
     /// Reads, parses and validates a configuration file.

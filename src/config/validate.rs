@@ -63,22 +63,20 @@ fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
     };
     // For a bad value serde_yaml names the mapping that holds it; find the key itself on
     // the reported line, so the operator reads `...websocket.idle_timeout`.
-    let (key, column) = match leaf_key(text, line, column, &message) {
-        Some((leaf, col))
-            if !key.ends_with(&format!(".{leaf}"))
-                && !message.starts_with("unknown field")
-                && !message.starts_with("missing field") =>
+    let (key, line, column) = match leaf_key(text, line, column, &message) {
+        Some((leaf, at_line, col))
+            if !message.starts_with("unknown field") && !message.starts_with("missing field") =>
         {
-            (
-                if key.is_empty() {
-                    leaf
-                } else {
-                    format!("{key}.{leaf}")
-                },
-                col,
-            )
+            let key = if key.is_empty() {
+                leaf
+            } else if key.ends_with(&format!(".{leaf}")) {
+                key
+            } else {
+                format!("{key}.{leaf}")
+            };
+            (key, at_line, col)
         }
-        _ => (key, column),
+        _ => (key, line, column),
     };
     let message = if message.starts_with("unknown field") {
         format!("{message}; remove it or fix its spelling")
@@ -101,22 +99,42 @@ fn from_serde(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigError {
 
 /// The key at `line:column`, or else the key before the first quoted value of `message` on
 /// that line, with the column where it starts.
-fn leaf_key(text: &str, line: usize, column: usize, message: &str) -> Option<(String, usize)> {
-    let src = text.lines().nth(line.checked_sub(1)?)?;
+fn leaf_key(
+    text: &str,
+    line: usize,
+    column: usize,
+    message: &str,
+) -> Option<(String, usize, usize)> {
     let is_key = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    // serde_yaml places an error in a value at the start of the mapping that holds it, so
+    // the value (quoted in the message) is looked for as `key: value` from there to the end
+    // of that mapping: the lines indented at least as far.
+    if let Some(value) = message.split('"').nth(1).filter(|v| !v.is_empty()) {
+        let indent = column.saturating_sub(1);
+        for (i, src) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+            let own = src.len() - src.trim_start().len();
+            if i + 1 > line && own < indent && !src.trim().is_empty() {
+                break;
+            }
+            let code = src.split(" #").next().unwrap_or(src);
+            let found = code.match_indices(value).find_map(|(at, _)| {
+                code[..at]
+                    .trim_end_matches(['"', '\'', ' '])
+                    .strip_suffix(':')
+            });
+            if let Some(before) = found {
+                let start = before.rfind(|c: char| !is_key(c)).map_or(0, |i| i + 1);
+                let word = &before[start..];
+                if !word.is_empty() {
+                    return Some((word.to_string(), i + 1, start + 1));
+                }
+            }
+        }
+    }
+    let src = text.lines().nth(line.checked_sub(1)?)?;
     let at = src.get(column.checked_sub(1)?..)?;
     let word: String = at.chars().take_while(|&c| is_key(c)).collect();
-    if !word.is_empty() && at[word.len()..].starts_with(':') {
-        return Some((word, column));
-    }
-    let value = message.split('"').nth(1)?;
-    let before = &src[..src.find(value)?];
-    let before = before
-        .trim_end_matches(['"', '\'', ' '])
-        .strip_suffix(':')?;
-    let start = before.rfind(|c: char| !is_key(c)).map_or(0, |i| i + 1);
-    let word = &before[start..];
-    (!word.is_empty()).then(|| (word.to_string(), start + 1))
+    (!word.is_empty() && at[word.len()..].starts_with(':')).then_some((word, line, column))
 }
 
 /// `resources[3].x` → the name of the fourth resource, read leniently from the text.
@@ -298,7 +316,7 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
             })?;
             res.origin.servers.push(super::Server {
                 addr,
-                weight: server.weight.unwrap_or(1).max(1),
+                weight: server.weight.map_or(1, |w| w.0 as u32),
                 backup: server.backup.unwrap_or(false),
             });
         }
@@ -336,10 +354,38 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
         resources.push(Arc::new(res));
     }
 
+    let admin = match &f.admin {
+        None => super::Admin {
+            addr: super::DEFAULT_ADMIN,
+            token: None,
+            hostnames: Vec::new(),
+        },
+        Some(a) => {
+            let token = match &a.token_file {
+                None => None,
+                Some(t) => Some(
+                    read_token(&relative_to(base, t))
+                        .map_err(|why| invalid(None, "admin.token_file".into(), t, 0, why))?,
+                ),
+            };
+            super::Admin {
+                addr: a.listen.0,
+                token,
+                hostnames: a.hostnames.iter().map(|h| h.0.clone()).collect(),
+            }
+        }
+    };
+    if !admin.addr.ip().is_loopback() && admin.token.is_none() {
+        warnings.push(format!(
+            "{file}: admin: the admin listener {} is reachable from other hosts and POST /reload needs no token; set admin.token_file",
+            admin.addr
+        ));
+    }
+
     Ok(Config {
         source: path.to_path_buf(),
         pingora_yaml,
-        admin: f.admin.as_ref().map_or(super::DEFAULT_ADMIN, |a| a.0),
+        admin,
         metrics: f.metrics.unwrap_or(true),
         client: super::ClientLimits {
             header_timeout: f
@@ -350,7 +396,16 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
             max_header_bytes: f
                 .client
                 .max_header_bytes
-                .unwrap_or(super::DEFAULT_MAX_HEADER_BYTES),
+                .map_or(super::DEFAULT_MAX_HEADER_BYTES, |b| b.0 as usize),
+            keepalive_timeout: f
+                .client
+                .keepalive_timeout
+                .as_ref()
+                .map_or(super::DEFAULT_KEEPALIVE_TIMEOUT, |t| t.0),
+            ipv6_prefix: f
+                .client
+                .ipv6_prefix
+                .map_or(super::DEFAULT_IPV6_PREFIX, |p| p.0 as u8),
         },
         access_log: match f.access_log.as_deref() {
             None | Some("stdout") => super::AccessLogTarget::Stdout,
@@ -365,6 +420,21 @@ fn build(path: &Path, text: &str, f: FileConfig) -> Result<Config, ConfigError> 
         default_certificate,
         warnings,
     })
+}
+
+/// The admin token: the file's first line, at least 16 characters (a guessable token is
+/// no protection).
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} must hold a token of at least 16 printable characters on its first line, like the output of `openssl rand -hex 32`",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// Merges a resource with the defaults.
@@ -392,8 +462,8 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                     .interval
                     .as_ref()
                     .map_or(std::time::Duration::from_secs(5), |i| i.0),
-                healthy_after: h.healthy_after.unwrap_or(2).max(1),
-                unhealthy_after: h.unhealthy_after.unwrap_or(2).max(1),
+                healthy_after: h.healthy_after.map_or(2, |n| n.0 as u32),
+                unhealthy_after: h.unhealthy_after.map_or(2, |n| n.0 as u32),
             }),
             host: o.host.clone(),
             sni: o.sni.clone(),
@@ -435,6 +505,10 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                 .map(|o| o.iter().map(|o| o.0.clone()).collect())
                 .unwrap_or_default(),
             max_connections: w.max_connections.or(d.websocket.max_connections),
+            max_connections_per_ip: w
+                .max_connections_per_ip
+                .or(d.websocket.max_connections_per_ip)
+                .map(|n| n.0 as u32),
             handshake_rate: w
                 .handshake_rate
                 .as_ref()
@@ -442,7 +516,9 @@ fn resource(f: &FileConfig, r: &ResourceFile, base: &Path) -> Resource {
                 .map(|r| super::HandshakeRate {
                     per_second: r.rate.0,
                     // Default burst: one second's worth, at least 1.
-                    burst: r.burst.unwrap_or((r.rate.0.ceil() as u32).max(1)),
+                    burst: r
+                        .burst
+                        .map_or((r.rate.0.ceil() as u32).max(1), |b| b.0 as u32),
                 }),
             max_lifetime: w
                 .max_lifetime

@@ -30,6 +30,14 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
     }
 }
 
+/// The wsedge binary under test: this build's, or another build's given in `WSEDGE_BIN`
+/// (to run the suite against an older commit, say).
+pub fn wsedge_bin() -> PathBuf {
+    std::env::var_os("WSEDGE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wsedge")))
+}
+
 /// A unique scratch directory under the system temp dir.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -75,7 +83,20 @@ impl Edge {
     }
 
     pub fn start_file(path: &std::path::Path, dir: PathBuf, args: &[&str]) -> Edge {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsedge"))
+        Self::start_opts(path, dir, args, false, &wsedge_bin())
+    }
+
+    /// Like [`Self::start_file`], running `program`; with `stall_stdout`, stdout (the access
+    /// log) is no longer read once the listeners are reported: a log shipper that stopped
+    /// reading.
+    pub fn start_opts(
+        path: &std::path::Path,
+        dir: PathBuf,
+        args: &[&str],
+        stall_stdout: bool,
+        program: &std::path::Path,
+    ) -> Edge {
+        let mut child = Command::new(program)
             .args(args)
             .arg("-c")
             .arg(path)
@@ -99,7 +120,12 @@ impl Edge {
         let access = Arc::new(Mutex::new(Vec::new()));
         let access2 = access.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let l = std::mem::take(&mut line);
+                let line = l.trim_end_matches('\n').to_string();
+                let admin_line = line.starts_with("wsedge: admin on");
                 let found = [
                     ("http", "wsedge: listening on http://"),
                     ("https", "wsedge: listening on https://"),
@@ -113,6 +139,10 @@ impl Edge {
                     let _ = tx.send(f);
                 } else if line.starts_with('{') {
                     access2.lock().unwrap().push(line);
+                }
+                if stall_stdout && admin_line {
+                    // Keep the pipe open, never read again.
+                    std::thread::sleep(Duration::from_secs(3600));
                 }
             }
         });
@@ -174,7 +204,22 @@ impl Edge {
 
     /// An admin request; returns (status, body).
     pub async fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
-        let answer = raw_request(self.admin, &format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await;
+        let host = format!("Host: {}\r\n", self.admin);
+        self.admin_request_with(method, path, &host).await
+    }
+
+    /// An admin request with these header lines (each ending in CRLF, Host included).
+    pub async fn admin_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+    ) -> (u16, String) {
+        let answer = raw_request(
+            self.admin,
+            &format!("{method} {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
         let status = answer
             .split_whitespace()
             .nth(1)
@@ -258,6 +303,8 @@ pub enum Seen {
     Message(String),
     /// The request headers of an upgrade, as (name, value) lower-cased names.
     Request(Vec<(String, String)>),
+    /// The request target (path and query) of an upgrade.
+    Target(String),
 }
 
 /// An in-process origin on 127.0.0.1:0 that counts its connections.
@@ -465,9 +512,13 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(
             };
             let path_holder = Arc::new(Mutex::new(String::new()));
             let ph = path_holder.clone();
+            let seen3 = seen.clone();
             let cb = move |req: &Request, resp: Response| {
                 *ph.lock().unwrap() = req.uri().path().to_string();
-                callback(req, resp)
+                let answer = callback(req, resp);
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                seen3.lock().unwrap().push(Seen::Target(target.to_string()));
+                answer
             };
             let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
                 return;

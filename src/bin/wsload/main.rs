@@ -6,6 +6,7 @@
 //! wsload stats-query                                    # /stats rendering time, 366 daily buckets
 //! wsload handshakes wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --conns 8 --count 3000 --pid 1234
 //! wsload relay 127.0.0.1:0 127.0.0.1:9100 --threads 2   # the benchmark's floor: a bare TCP relay
+//! wsload stalled ws://127.0.0.1:8080/push --count 1000 --pid 1234   # clients that never read
 //! ```
 //!
 //! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
@@ -26,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
     std::process::exit(2)
 }
 
@@ -85,6 +86,8 @@ fn ws_config() -> WebSocketConfig {
     }
 }
 
+// tungstenite's accept callback returns its own (large) error response.
+#[allow(clippy::result_large_err)]
 async fn origin(addr: &str) {
     let listener = TcpListener::bind(addr).await.expect("bind the origin");
     println!("wsload: origin on {}", listener.local_addr().unwrap());
@@ -94,11 +97,29 @@ async fn origin(addr: &str) {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let Ok(mut ws) =
-                tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
+            let push = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let on_push = push.clone();
+            let callback =
+                move |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                    on_push.store(req.uri().path() == "/push", Ordering::Relaxed);
+                    Ok(resp)
+                };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(
+                stream,
+                callback,
+                Some(ws_config()),
+            )
+            .await
             else {
                 return;
             };
+            if push.load(Ordering::Relaxed) {
+                // `/push`: binary messages of 16 KiB as fast as the connection takes them,
+                // whatever the client does.
+                let m = Message::binary(vec![0x5a; 16 * 1024]);
+                while ws.send(m.clone()).await.is_ok() {}
+                return;
+            }
             while let Some(Ok(m)) = ws.next().await {
                 if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
                     return;
@@ -106,6 +127,50 @@ async fn origin(addr: &str) {
             }
         });
     }
+}
+
+/// Opens `count` tunnels to `url` (an origin path that pushes, `/push`) whose clients read
+/// the 101 and then never read again, as a stalled or malicious client does; reports the
+/// measured processes' memory per tunnel once the pushes have filled every buffer.
+async fn stalled(url: &str, count: u64, pids: &[u64]) {
+    let settle = || tokio::time::sleep(Duration::from_millis(3000));
+    settle().await;
+    let base = rss_kib(pids);
+    let rest = url.strip_prefix("ws://").expect("a ws:// URL");
+    let (authority, path) = rest.split_once('/').map_or((rest, "/"), |(a, p)| (a, p));
+    let addr: std::net::SocketAddr = authority.parse().expect("ws://ip:port/path");
+    let mut open = Vec::new();
+    for _ in 0..count {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        // A small receive buffer, as a phone's: the stall reaches the proxy quickly.
+        let _ = sock.set_recv_buffer_size(16 * 1024);
+        let mut s = tokio::time::timeout(STEP, sock.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let req = format!("GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(req.as_bytes()).await.expect("send the upgrade");
+        // Read the 101, byte by byte so that nothing after it is taken.
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(STEP, s.read(&mut b))
+                .await
+                .expect("101 in time")
+                .expect("read the 101");
+            assert!(n == 1, "closed before the 101");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "not a 101");
+        open.push(s);
+    }
+    settle().await;
+    let rss = rss_kib(pids);
+    println!(
+        "{{\"tunnels\":{count},\"rss_kib\":{rss},\"kib_per_tunnel\":{:.1}}}",
+        rss.saturating_sub(base) as f64 / count as f64
+    );
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -451,6 +516,10 @@ fn main() {
             rt.block_on(idle(url, &steps, &pids(&args)))
         }
         Some("stats-query") => stats_query(),
+        Some("stalled") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            rt.block_on(stalled(url, flag(&args, "--count", 1000), &pids(&args)))
+        }
         Some("handshakes") => {
             let url = args.get(1).unwrap_or_else(|| usage());
             rt.block_on(handshakes(
