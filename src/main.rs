@@ -26,26 +26,16 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // The log goes to stderr through a bounded queue: a stalled reader never stops the
-    // proxy (lines are dropped and counted instead).
-    let errors = std::sync::Arc::new(wsedge::access_log::LineWriter::stderr(
-        wsedge::access_log::error_log_dropped().clone(),
-    ));
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Pipe(Box::new(
-            wsedge::access_log::ErrorLog(errors.clone()),
-        )))
-        .init();
+    let log = wsedge::init_logging();
     let args = Args::parse();
-    let opts = wsedge::Options {
+    let result = wsedge::run(wsedge::Options {
         config: args.conf,
         test: args.test,
         daemon: args.daemon,
         upgrade: args.upgrade,
         demo: args.demo,
-    };
-    let result = wsedge::run(opts);
-    errors.flush(std::time::Duration::from_secs(2));
+    });
+    log.flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,4 +1,4 @@
-//! Every answer the edge gives by itself (DESIGN.md §3 rows owned by the core): status,
+//! Every answer the edge gives by itself (the answers table of README.md and docs/design.md): status,
 //! headers, and that the origin saw no connection for a rejected request.
 
 mod common;

@@ -1,10 +1,11 @@
 //! Property suite over the handshake checks: arbitrary methods, versions and header sets
-//! never panic and always give one of DESIGN.md §3's answers (Ok, 400, 426; 403 from the
+//! never panic and always give one of the answers of docs/design.md (Ok, 400, 426; 403 from the
 //! origin gate). Cases per run: `PROPTEST_CASES` (CI runs the default below; the 10 million
 //! case run is `PROPTEST_CASES=10000000 cargo test --release --test handshake_props`).
 
 use proptest::prelude::*;
-use wsedge::handshake::{self, Reject};
+use wsedge::handshake;
+use wsedge::Answer;
 
 /// Header names the checks care about, plus noise.
 fn name() -> impl Strategy<Value = String> {
@@ -84,7 +85,7 @@ proptest! {
             Err(reject) => {
                 prop_assert!(matches!(reject.status(), 400 | 426), "{:?}", reject);
                 prop_assert!(!reject.body().is_empty());
-                if reject == Reject::UnsupportedVersion {
+                if reject == Answer::UnsupportedVersion {
                     prop_assert!(req.headers.contains_key("sec-websocket-version"));
                 }
             }
@@ -225,7 +226,7 @@ proptest! {
             proptest::collection::vec(0x20u8..0x7f, 0..30).prop_map(|v| String::from_utf8(v).unwrap()),
         ]
     ) {
-        if let Some(name) = wsedge::routing::valid_host(&host) {
+        if let Some(name) = wsedge::host::valid_host(&host) {
             prop_assert!(!name.is_empty());
             prop_assert!(
                 name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b)),

@@ -201,7 +201,7 @@ pub struct HealthCheckFile {
     pub unhealthy_after: Option<Ranged<1, 1000>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketFile {
     pub enabled: Option<bool>,
@@ -213,6 +213,25 @@ pub struct WebSocketFile {
     pub max_connections_per_ip: Option<Ranged<1, 4_294_967_295>>,
     pub handshake_rate: Option<RateFile>,
     pub max_lifetime: Option<DurationStr>,
+}
+
+impl WebSocketFile {
+    /// These keys, each falling back to the one in `defaults` when not set here.
+    pub fn or(&self, defaults: &WebSocketFile) -> WebSocketFile {
+        let d = defaults.clone();
+        let w = self.clone();
+        WebSocketFile {
+            enabled: w.enabled.or(d.enabled),
+            idle_timeout: w.idle_timeout.or(d.idle_timeout),
+            handshake_timeout: w.handshake_timeout.or(d.handshake_timeout),
+            paths: w.paths.or(d.paths),
+            allowed_origins: w.allowed_origins.or(d.allowed_origins),
+            max_connections: w.max_connections.or(d.max_connections),
+            max_connections_per_ip: w.max_connections_per_ip.or(d.max_connections_per_ip),
+            handshake_rate: w.handshake_rate.or(d.handshake_rate),
+            max_lifetime: w.max_lifetime.or(d.max_lifetime),
+        }
+    }
 }
 
 /// `handshake_rate: { rate: 20/s, burst: 40 }`
@@ -231,6 +250,7 @@ pub struct ClientFile {
     /// Pingora refuses request headers over 1 MiB whatever this says.
     pub max_header_bytes: Option<Ranged<1024, 1_048_576>>,
     pub keepalive_timeout: Option<DurationStr>,
+    pub max_requests_per_connection: Option<Ranged<1, 4_294_967_295>>,
     pub ipv6_prefix: Option<Ranged<32, 128>>,
 }
 
@@ -445,7 +465,7 @@ fn parse_path(s: &str) -> Result<String, String> {
     }
     // Requests are matched in normal form (see crate::path), so a prefix that is not in
     // normal form could never match, or would match something else than it reads.
-    match crate::path::normalize(s) {
+    match crate::syntax::path::normalize(s) {
         Ok(n) if n == s => Ok(s.to_string()),
         Ok(n) => Err(format!(
             "path prefix \"{s}\" is not in normal form: requests are matched after dot-segments are resolved, slashes merged and unreserved characters decoded; write \"{n}\""

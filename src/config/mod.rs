@@ -1,11 +1,16 @@
-//! Configuration: the YAML file ([`file`]) is parsed and validated ([`validate`]) into the
-//! typed [`Config`] that the proxy uses. Nothing here touches the network.
+//! Configuration: the YAML file as operators write it ([`file`]) is parsed and built
+//! ([`build`]) into the typed [`Config`] the edge runs on; [`errors`] places every mistake
+//! at a file, line, column and key. Loading reads the PEM files a configuration names
+//! ([`pem`]) and resolves origin names (DNS); nothing else here touches the system.
 
+mod build;
+mod errors;
 mod file;
-mod validate;
+mod pem;
 
+pub use errors::ConfigError;
 pub use file::{Balance, OriginProtocol, ResourceType};
-pub use validate::ConfigError;
+pub use pem::{Certificate, OriginCa};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,7 +48,7 @@ pub struct Config {
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
     /// The certificate for TLS clients whose SNI matches no resource.
-    pub default_certificate: Option<crate::tls::Certificate>,
+    pub default_certificate: Option<Certificate>,
     /// Things that work but deserve a look (an expired certificate, say).
     pub warnings: Vec<String>,
 }
@@ -93,7 +98,7 @@ pub struct Resource {
     /// WebSocket policy.
     pub websocket: WebSocket,
     /// The certificate for its hostnames on https listeners.
-    pub tls: Option<crate::tls::Certificate>,
+    pub tls: Option<Certificate>,
 }
 
 /// The origin group of a resource.
@@ -116,7 +121,7 @@ pub struct Origin {
     /// PEM file with the CAs that sign the origin's certificate; `None` means system roots.
     pub ca_file: Option<PathBuf>,
     /// The certificates of `ca_file`, read at load.
-    pub ca: Option<crate::origin::OriginCa>,
+    pub ca: Option<OriginCa>,
     /// TCP (and TLS) connect timeout per server.
     pub connect_timeout: Duration,
 }
@@ -190,6 +195,9 @@ pub struct ClientLimits {
     /// A kept-alive HTTP/1.1 connection waits this long for the next request, an HTTP/2
     /// connection this long without a stream, before it is closed.
     pub keepalive_timeout: Duration,
+    /// Requests one HTTP/1.1 connection may carry (nginx's `keepalive_requests`); after the
+    /// last one the connection is closed. `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
     /// IPv6 clients are told apart by this many leading bits in per-IP limits (64: one
     /// subscriber's network; 128: every address on its own).
     pub ipv6_prefix: u8,
@@ -220,11 +228,22 @@ impl Config {
 
     /// Parses and validates configuration text; `path` is only used in messages.
     pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
-        validate::validate(path.as_ref(), text)
+        build::build(path.as_ref(), text)
     }
 }
 
 impl Resource {
+    /// A host name this resource serves, for when one must be named (a health check's
+    /// Host, the demo's banner): its first exact hostname, else `www.` under its first
+    /// wildcard.
+    pub fn concrete_host(&self) -> String {
+        self.hostnames
+            .iter()
+            .find(|h| !h.starts_with("*."))
+            .cloned()
+            .unwrap_or_else(|| self.hostnames[0].replace("*.", "www."))
+    }
+
     /// Whether `path` (the request target's path) may be upgraded on this resource.
     pub fn path_allowed(&self, path: &str) -> bool {
         self.websocket.paths.is_empty()

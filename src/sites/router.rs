@@ -1,25 +1,57 @@
 //! Host → resource. Exact names beat wildcards; `*.a.b` matches exactly one more label;
-//! case and port are ignored. The table is immutable: a reload builds a new one.
+//! case and port are ignored. The table is immutable: a reload builds a new one and swaps
+//! it in whole ([`SharedRouter`]); what must outlive reloads (counters, the state behind
+//! the limits) is kept by resource name in [`Lasting`].
 
-use crate::config::{ClientLimits, Config, Resource};
-use crate::stats::{EdgeStats, ResourceStats};
-use crate::tls::Certificate;
+use super::origin::OriginGroup;
+use crate::config::{Certificate, ClientLimits, Config, Resource};
+use crate::observe::metrics::{EdgeStats, ResourceStats};
+use crate::policy::limits::ResourceLimits;
+use crate::syntax::host::strip_port;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The live resource table, swappable as a whole (a reload builds a new [`Router`]).
-pub type Resources = Arc<ArcSwap<Router>>;
+pub type SharedRouter = Arc<ArcSwap<Router>>;
 
-/// A resource with its counters: what a request is matched to.
+/// What each resource keeps across reloads, by name: its counters and its limits' state
+/// (open tunnel slots, rate buckets), so that a reload neither resets a count nor frees a
+/// slot a tunnel still holds.
+#[derive(Debug, Default)]
+pub struct Lasting {
+    /// The counters of every resource.
+    pub stats: Arc<EdgeStats>,
+    limits: Mutex<HashMap<String, Arc<ResourceLimits>>>,
+}
+
+impl Lasting {
+    /// Keeps `stats` (shared with whatever serves them) and the limits' state.
+    pub fn new(stats: Arc<EdgeStats>) -> Lasting {
+        Lasting {
+            stats,
+            limits: Mutex::default(),
+        }
+    }
+
+    fn limits(&self, name: &str) -> Arc<ResourceLimits> {
+        // Poisoning would mean a panic while inserting; the map is still whole.
+        let mut map = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// A resource as it is served: what a request is matched to.
 #[derive(Debug)]
 pub struct Site {
     /// The resource's settings, as loaded (a request keeps these for its whole life).
     pub resource: Arc<Resource>,
     /// Its counters, which outlive reloads.
     pub stats: Arc<ResourceStats>,
+    /// Its tunnel slots and rate buckets, which outlive reloads too.
+    pub limits: Arc<ResourceLimits>,
     /// Its origin group with health state.
-    pub group: crate::origin::OriginGroup,
+    pub group: OriginGroup,
 }
 
 /// The lookup table built from a [`Config`], with what else a request is checked against
@@ -36,8 +68,8 @@ pub struct Router {
 
 impl Router {
     /// Builds the table; hostnames are unique across resources (validation checks it).
-    /// Each resource gets its counters from `stats`.
-    pub fn new(config: &Config, stats: &EdgeStats) -> Router {
+    /// Each resource gets its counters and limits' state from `lasting`.
+    pub fn new(config: &Config, lasting: &Lasting) -> Router {
         let mut router = Router {
             default_certificate: config.default_certificate.clone(),
             client: Some(config.client),
@@ -46,8 +78,9 @@ impl Router {
         for r in &config.resources {
             let site = Arc::new(Site {
                 resource: r.clone(),
-                stats: stats.resource(&r.name),
-                group: crate::origin::OriginGroup::new(r),
+                stats: lasting.stats.resource(&r.name),
+                limits: lasting.limits(&r.name),
+                group: OriginGroup::new(r),
             });
             router.sites.push(site.clone());
             for h in &r.hostnames {
@@ -96,48 +129,6 @@ impl Router {
     }
 }
 
-/// A Host header (or `:authority`) value checked against RFC 9110 §7.2 and RFC 3986 §3.2.2,
-/// returning the host without its port: a DNS name (letters, digits, `-`, `_`, labels of 1 to
-/// 63 characters, 253 in all, one trailing dot allowed), a dotted IPv4 address or a
-/// bracketed IPv6 address, then an optional `:port` of digits. Anything else (`evil/`,
-/// spaces, quotes, percent-encodings, `user@`, an empty name) is not a host and is never
-/// routed or forwarded: the request gets 400.
-pub fn valid_host(value: &str) -> Option<&str> {
-    let host = strip_port(value);
-    if host.len() != value.len() {
-        let port = value[host.len()..].strip_prefix(':')?;
-        if port.is_empty() || port.len() > 5 || port.parse::<u32>().map_or(true, |p| p > 65535) {
-            return None;
-        }
-    }
-    if let Some(inner) = host.strip_prefix('[') {
-        let addr = inner.strip_suffix(']')?;
-        return addr.parse::<std::net::Ipv6Addr>().is_ok().then_some(host);
-    }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    (!name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)).then_some(host)
-}
-
-/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
-pub(crate) fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
-            Some(i) => &host[..=i],
-            None => host,
-        };
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +146,7 @@ resources:
 "#;
         Router::new(
             &Config::from_yaml("t.yaml", yaml).unwrap(),
-            &EdgeStats::default(),
+            &Lasting::default(),
         )
     }
 
@@ -169,44 +160,6 @@ resources:
         );
         assert_eq!(r.find("news.example.com").unwrap().resource.name, "wild");
         assert_eq!(r.find("eu.chat.example.com").unwrap().resource.name, "wild");
-    }
-
-    #[test]
-    fn hosts_are_names_or_addresses() {
-        for ok in [
-            "chat.example.com",
-            "Chat.Example.com:8080",
-            "example.com.",
-            "_dmarc.example.com",
-            "127.0.0.1:80",
-            "[::1]:443",
-            "[2001:db8::1]",
-            "localhost",
-        ] {
-            assert!(valid_host(ok).is_some(), "{ok}");
-        }
-        for bad in [
-            "",
-            ":80",
-            "evil/.example.com",
-            "a b.example.com",
-            "\"q\".example.com",
-            "a..b",
-            "a%2eb.example.com",
-            "user@example.com",
-            "example.com:",
-            "example.com:99999",
-            "example.com:8o",
-            "[::1",
-            "[nonsense]",
-            "[::1]x",
-            "[::1]x80",
-            ".",
-        ] {
-            assert!(valid_host(bad).is_none(), "{bad}");
-        }
-        assert!(valid_host(&"a".repeat(64)).is_none());
-        assert_eq!(valid_host("example.com:443"), Some("example.com"));
     }
 
     #[test]

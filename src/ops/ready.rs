@@ -1,6 +1,9 @@
 //! Which TCP ports this process listens on, read from `/proc` (Linux). Pingora binds the
 //! listeners itself and reports nothing, so wsedge looks once they are up and prints where
-//! to connect: the readiness line that people, scripts and tests wait for (port 0 works).
+//! to connect: the readiness line that people, scripts and tests wait for.
+//!
+//! Port 0 ("any free port") is resolved before Pingora binds when two port-0 listeners share
+//! an IP ([`pin_ambiguous_ports`]): their bound sockets could not be told apart afterwards.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -59,6 +62,28 @@ fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
         ))
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// Replaces port 0 by a port that is free now (the kernel's pick for a socket bound and
+/// closed here) in each address of `addrs` that shares its IP with another port-0 address:
+/// those listeners could not be told apart once bound, and the readiness line could print
+/// an https listener as http. Another process could take the port before Pingora binds
+/// it; Pingora's bind then fails loudly, which is better than a wrong line. Unambiguous
+/// addresses are left as they are: a graceful upgrade (`-u`) inherits listeners under the
+/// addresses the configuration gives, port 0 included.
+pub fn pin_ambiguous_ports(addrs: &mut [&mut SocketAddr]) -> std::io::Result<()> {
+    let zero_ips: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|a| a.port() == 0)
+        .map(|a| a.ip())
+        .collect();
+    for a in addrs.iter_mut() {
+        let shared = zero_ips.iter().filter(|ip| **ip == a.ip()).count() > 1;
+        if a.port() == 0 && shared {
+            **a = std::net::TcpListener::bind(**a)?.local_addr()?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits (up to `limit`) until every configured listener is bound and returns the bound

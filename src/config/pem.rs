@@ -1,14 +1,10 @@
-//! TLS at the edge: the certificate of a connection follows routing (the resource its SNI
-//! routes to serves its own certificate; a resource without one, an unknown name or no SNI
-//! get the default certificate, if any), and the SNI of each connection is kept so the
-//! proxy can refuse a Host of another resource (421).
+//! PEM files the configuration names, read and checked at load: a resource's (or the
+//! default) certificate chain and key, and an origin's CA bundle. Errors say which file and
+//! what is wrong with it; the caller places them at the key that named the file.
 
-use crate::routing::Resources;
-use pingora::listeners::TlsAccept;
-use pingora::protocols::tls::TlsRef;
 use pingora::tls::sign::CertifiedKey;
-use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
-use std::any::Any;
+use pingora::tls::CryptoProvider;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -130,49 +126,39 @@ impl Certificate {
     }
 }
 
-/// Chooses a connection's certificate by routing its SNI through the live resource table,
-/// so the choice always agrees with routing and is swapped with it on reload (open
-/// connections keep theirs): the resource the name routes to serves its certificate; a
-/// resource without one, a name no resource serves and a client without SNI get the
-/// default certificate; without one the handshake fails, so an unknown name never gets a
-/// customer's certificate.
-#[derive(Debug)]
-pub struct SniResolver {
-    table: Resources,
-}
+/// CA certificates that sign an origin's certificate (`origin.ca_file`), parsed once.
+#[derive(Clone)]
+pub struct OriginCa(pub Arc<[WrappedX509]>);
 
-impl SniResolver {
-    /// A resolver over the live table `table`.
-    pub fn new(table: Resources) -> SniResolver {
-        SniResolver { table }
+impl std::fmt::Debug for OriginCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OriginCa({} certificates)", self.0.len())
     }
 }
 
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let router = self.table.load();
-        let own = hello
-            .server_name()
-            .and_then(|name| router.find(name))
-            .and_then(|site| site.resource.tls.as_ref());
-        own.or(router.default_certificate()).map(|c| c.key.clone())
-    }
-}
-
-/// The SNI a TLS connection asked for, kept in its digest.
-#[derive(Debug, Clone)]
-pub struct Sni(pub String);
-
-/// Records each connection's SNI after the handshake.
-pub struct RecordSni;
-
-#[async_trait::async_trait]
-impl TlsAccept for RecordSni {
-    async fn handshake_complete_callback(
-        &self,
-        tls: &TlsRef,
-    ) -> Option<Arc<dyn Any + Send + Sync>> {
-        tls.server_name()
-            .map(|n| Arc::new(Sni(n.to_ascii_lowercase())) as Arc<dyn Any + Send + Sync>)
+impl OriginCa {
+    /// Reads a PEM file of CA certificates; the error says what is wrong with the file.
+    pub fn load(path: &Path) -> Result<OriginCa, String> {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut certs = Vec::new();
+        for item in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let der = item.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+            // parse_x509 panics on bad DER: check first.
+            if x509_parser::parse_x509_certificate(der.as_ref()).is_err() {
+                return Err(format!(
+                    "{} holds a certificate that does not parse",
+                    path.display()
+                ));
+            }
+            certs.push(WrappedX509::new(der.as_ref().to_vec(), parse_x509));
+        }
+        if certs.is_empty() {
+            return Err(format!(
+                "{} holds no certificate: put the PEM \"BEGIN CERTIFICATE\" blocks of the CA there",
+                path.display()
+            ));
+        }
+        Ok(OriginCa(certs.into()))
     }
 }

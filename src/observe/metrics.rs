@@ -1,9 +1,10 @@
-//! What the edge counts: Prometheus metrics (DESIGN.md §5) and the per-resource time
-//! windows behind `/stats`. On the per-chunk path a tunnel only adds to counters it
-//! resolved when it opened (one atomic add each); everything else happens once per
-//! request, once per tunnel, or once a second in the [`Ticker`].
+//! What the edge counts: Prometheus metrics (docs/design.md, "Metrics") and the
+//! per-resource time windows behind `/stats`. On the per-chunk path a tunnel only adds to
+//! counters it resolved when it opened (one atomic add each); everything else happens once
+//! per request, once per tunnel, or once a second ([`EdgeStats::tick`]).
 
-use crate::tunnel::CloseReason;
+use super::labels::{CloseReason, HandshakeOutcome};
+use super::windows::{BucketView, Granularity, Sample, Windows};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -53,7 +54,7 @@ impl Families {
             "Access-log lines dropped because the log's reader or disk did not keep up.",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
-        registry.register(Box::new(crate::access_log::error_log_dropped().clone()))?;
+        registry.register(Box::new(super::access_log::error_log_dropped().clone()))?;
         Ok(Families {
             access_log_dropped,
             handshakes: counter(
@@ -97,7 +98,7 @@ pub const TRACKED_CODES: [u16; 20] = [
     101, 200, 204, 206, 301, 302, 304, 400, 401, 403, 404, 421, 426, 429, 431, 500, 501, 502, 503,
     504,
 ];
-const CODE_SLOTS: usize = TRACKED_CODES.len() + 5;
+pub(crate) const CODE_SLOTS: usize = TRACKED_CODES.len() + 5;
 
 fn code_slot(code: u16) -> usize {
     match TRACKED_CODES.iter().position(|&c| c == code) {
@@ -107,7 +108,7 @@ fn code_slot(code: u16) -> usize {
 }
 
 /// The label of a status slot in `/stats`.
-fn slot_label(i: usize) -> String {
+pub(crate) fn slot_label(i: usize) -> String {
     if i < TRACKED_CODES.len() {
         TRACKED_CODES[i].to_string()
     } else {
@@ -137,22 +138,15 @@ pub struct ResourceStats {
     response_counters: [OnceLock<IntCounter>; TRACKED_CODES.len()],
     codes: [AtomicU64; CODE_SLOTS],
     windows: Mutex<Windows>,
-    /// Slots and rate buckets, which like the counters outlive reloads.
-    pub limits: Arc<crate::limits::ResourceLimits>,
 }
 
 impl ResourceStats {
-    /// The resource's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Counts a refused upgrade request's outcome (a 101 is counted by
     /// [`Self::tunnel_opened`]).
-    pub fn handshake(&self, outcome: &str) {
+    pub fn handshake(&self, outcome: HandshakeOutcome) {
         self.families
             .handshakes
-            .with_label_values(&[&self.name, outcome])
+            .with_label_values(&[&self.name, outcome.as_str()])
             .inc();
     }
 
@@ -229,11 +223,12 @@ impl EdgeStats {
                     tunnels_open: f.tunnels_open.with_label_values(&[name]),
                     tunnel_seconds: f.tunnel_seconds.with_label_values(&[name]),
                     families: f.clone(),
-                    handshakes_ok: f.handshakes.with_label_values(&[name, "ok"]),
+                    handshakes_ok: f
+                        .handshakes
+                        .with_label_values(&[name, HandshakeOutcome::Ok.as_str()]),
                     response_counters: Default::default(),
                     codes: Default::default(),
                     windows: Mutex::default(),
-                    limits: Arc::default(),
                 })
             })
             .clone()
@@ -268,16 +263,16 @@ impl EdgeStats {
     /// Counts a request refused before any resource matched (no resource for its Host, a
     /// bad Host, or a request the header guard refused before Pingora parsed it): a
     /// response with resource `""`, and for an upgrade its handshake outcome.
-    pub fn refused_unrouted(&self, reject: crate::handshake::Reject, upgrade: bool) {
+    pub fn refused_unrouted(&self, status: u16, outcome: HandshakeOutcome, upgrade: bool) {
         if upgrade {
             self.families
                 .handshakes
-                .with_label_values(&["", reject.outcome()])
+                .with_label_values(&["", outcome.as_str()])
                 .inc();
         }
         self.families
             .http_responses
-            .with_label_values(&["", &reject.status().to_string()])
+            .with_label_values(&["", &status.to_string()])
             .inc();
     }
 
@@ -335,225 +330,6 @@ impl EdgeStats {
             .cloned()?;
         let w = r.windows.lock().unwrap_or_else(|e| e.into_inner());
         Some(w.ring(g).range(from, to))
-    }
-}
-
-/// Cumulative values read once a second.
-#[derive(Debug, Default, Clone)]
-struct Sample {
-    c2o: u64,
-    o2c: u64,
-    opened: u64,
-    open: u64,
-    codes: [u64; CODE_SLOTS],
-}
-
-/// `/stats` granularity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    /// 5 minutes, kept 3 days.
-    FiveMinutes,
-    /// 1 hour, kept 31 days.
-    Hour,
-    /// 1 day, kept 366 days.
-    Day,
-}
-
-impl Granularity {
-    /// Parses `5m`, `1h`, `1d`.
-    pub fn parse(s: &str) -> Option<Granularity> {
-        match s {
-            "5m" => Some(Granularity::FiveMinutes),
-            "1h" => Some(Granularity::Hour),
-            "1d" => Some(Granularity::Day),
-            _ => None,
-        }
-    }
-
-    /// Bucket width and how many buckets are kept.
-    pub fn shape(self) -> (u64, usize) {
-        match self {
-            Granularity::FiveMinutes => (300, 3 * 288),
-            Granularity::Hour => (3600, 31 * 24),
-            Granularity::Day => (86_400, 366),
-        }
-    }
-}
-
-/// One bucket of one window.
-#[derive(Debug, Default, Clone, Copy)]
-struct Bucket {
-    start: u64,
-    c2o: u64,
-    o2c: u64,
-    peak_bps: u64,
-    opened: u64,
-    open_peak: u64,
-    codes: [u32; CODE_SLOTS],
-}
-
-/// A bucket as `/stats` shows it.
-#[derive(Debug, Clone)]
-pub struct BucketView {
-    /// Start of the bucket, unix seconds.
-    pub start: u64,
-    /// Width in seconds.
-    pub width: u64,
-    /// Bytes client → origin.
-    pub bytes_client_to_origin: u64,
-    /// Bytes origin → client.
-    pub bytes_origin_to_client: u64,
-    /// Peak bandwidth over one second, bits/s, both directions.
-    pub peak_bps: u64,
-    /// Tunnels opened in the bucket.
-    pub tunnels_opened: u64,
-    /// Most tunnels open at once in the bucket.
-    pub tunnels_open_peak: u64,
-    /// Responses by status (label, count), non-zero only.
-    pub codes: Vec<(String, u64)>,
-}
-
-impl BucketView {
-    /// Average bandwidth over the bucket, bits/s, both directions.
-    pub fn avg_bps(&self) -> u64 {
-        (self.bytes_client_to_origin + self.bytes_origin_to_client) * 8 / self.width
-    }
-}
-
-/// A ring of fixed-width buckets; slots are allocated as time reaches them, so a quiet
-/// resource costs nothing and a busy one at most `len` buckets.
-#[derive(Debug)]
-struct Ring {
-    width: u64,
-    len: usize,
-    slots: Vec<Bucket>,
-}
-
-impl Ring {
-    fn new(g: Granularity) -> Ring {
-        let (width, len) = g.shape();
-        Ring {
-            width,
-            len,
-            slots: Vec::new(),
-        }
-    }
-
-    fn slot(&mut self, secs: u64) -> &mut Bucket {
-        let start = secs - secs % self.width;
-        let i = (start / self.width) as usize % self.len;
-        if self.slots.len() <= i {
-            self.slots.resize(i + 1, Bucket::default());
-        }
-        let b = &mut self.slots[i];
-        if b.start != start {
-            *b = Bucket {
-                start,
-                ..Bucket::default()
-            };
-        }
-        b
-    }
-
-    fn add(&mut self, secs: u64, d: &Sample) {
-        let b = self.slot(secs);
-        b.c2o += d.c2o;
-        b.o2c += d.o2c;
-        b.peak_bps = b.peak_bps.max((d.c2o + d.o2c) * 8);
-        b.opened += d.opened;
-        b.open_peak = b.open_peak.max(d.open);
-        for (acc, n) in b.codes.iter_mut().zip(d.codes) {
-            *acc = acc.saturating_add(n.min(u64::from(u32::MAX)) as u32);
-        }
-    }
-
-    fn range(&self, from: u64, to: u64) -> Vec<BucketView> {
-        let mut out: Vec<BucketView> = self
-            .slots
-            .iter()
-            .filter(|b| b.start != 0 && b.start + self.width > from && b.start < to)
-            .map(|b| BucketView {
-                start: b.start,
-                width: self.width,
-                bytes_client_to_origin: b.c2o,
-                bytes_origin_to_client: b.o2c,
-                peak_bps: b.peak_bps,
-                tunnels_opened: b.opened,
-                tunnels_open_peak: b.open_peak,
-                codes: b
-                    .codes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &n)| n > 0)
-                    .map(|(i, &n)| (slot_label(i), u64::from(n)))
-                    .collect(),
-            })
-            .collect();
-        out.sort_by_key(|b| b.start);
-        out
-    }
-}
-
-/// The three windows of a resource, and the last cumulative sample.
-#[derive(Debug)]
-struct Windows {
-    last: Sample,
-    five_minutes: Ring,
-    hour: Ring,
-    day: Ring,
-}
-
-impl Default for Windows {
-    fn default() -> Self {
-        Windows {
-            last: Sample::default(),
-            five_minutes: Ring::new(Granularity::FiveMinutes),
-            hour: Ring::new(Granularity::Hour),
-            day: Ring::new(Granularity::Day),
-        }
-    }
-}
-
-impl Windows {
-    /// Adds what changed since the last sample to the buckets of `secs`.
-    fn add(&mut self, secs: u64, now: &Sample) {
-        let l = &self.last;
-        let delta = Sample {
-            c2o: now.c2o.saturating_sub(l.c2o),
-            o2c: now.o2c.saturating_sub(l.o2c),
-            opened: now.opened.saturating_sub(l.opened),
-            open: now.open,
-            codes: std::array::from_fn(|i| now.codes[i].saturating_sub(l.codes[i])),
-        };
-        for ring in [&mut self.five_minutes, &mut self.hour, &mut self.day] {
-            ring.add(secs, &delta);
-        }
-        self.last = now.clone();
-    }
-
-    fn ring(&self, g: Granularity) -> &Ring {
-        match g {
-            Granularity::FiveMinutes => &self.five_minutes,
-            Granularity::Hour => &self.hour,
-            Granularity::Day => &self.day,
-        }
-    }
-}
-
-/// Folds counters into the `/stats` windows once a second.
-pub struct Ticker(pub Arc<EdgeStats>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for Ticker {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => self.0.tick(SystemTime::now()),
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 

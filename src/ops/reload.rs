@@ -7,10 +7,9 @@
 //! loading or building is caught and reported like an invalid file, and the next reload
 //! works.
 
-use crate::access_log::AccessLog;
-use crate::config::Config;
-use crate::routing::{Resources, Router};
-use crate::stats::EdgeStats;
+use crate::config::{Admin, Config, ConfigError};
+use crate::observe::access_log::AccessLog;
+use crate::sites::router::{Lasting, Router, SharedRouter};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -30,8 +29,8 @@ pub struct ReloadStatus {
 #[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
-    resources: Resources,
-    stats: Arc<EdgeStats>,
+    router: SharedRouter,
+    lasting: Arc<Lasting>,
     /// The configuration being served (listeners are compared against it).
     current: Mutex<Config>,
     last: Mutex<Option<ReloadStatus>>,
@@ -39,12 +38,13 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for the file `config` came from, serving into `resources`.
-    pub fn new(config: Config, resources: Resources, stats: Arc<EdgeStats>) -> Reloader {
+    /// A reloader for the file `config` came from, serving into `router`, keeping
+    /// counters and limits in `lasting`.
+    pub fn new(config: Config, router: SharedRouter, lasting: Arc<Lasting>) -> Reloader {
         Reloader {
             path: config.source.clone(),
-            resources,
-            stats,
+            router,
+            lasting,
             current: Mutex::new(config),
             last: Mutex::new(None),
             access_log: None,
@@ -80,8 +80,8 @@ impl Reloader {
     pub fn reload(&self) -> Result<String, String> {
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let new = Config::load(&self.path)?;
-            let router = Router::new(&new, &self.stats);
-            Ok::<_, crate::ConfigError>((new, router))
+            let router = Router::new(&new, &self.lasting);
+            Ok::<_, ConfigError>((new, router))
         }));
         let result = match loaded {
             Err(panic) => Err(format!(
@@ -95,7 +95,7 @@ impl Reloader {
             Ok(Ok((new, router))) => {
                 // Lock poisoning would mean a panic while swapping; the data is still whole.
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-                self.resources.store(Arc::new(router));
+                self.router.store(Arc::new(router));
                 if let Some(log) = &self.access_log {
                     log.reopen(&new.access_log);
                 }
@@ -123,7 +123,7 @@ impl Reloader {
 
     /// Counts, logs and keeps (for `/healthz`) a reload's result.
     fn record(&self, result: Result<String, String>) {
-        self.stats.reload(result.is_ok());
+        self.lasting.stats.reload(result.is_ok());
         match &result {
             Ok(m) => log::info!("{m}"),
             Err(m) => log::error!("{m}"),
@@ -152,7 +152,7 @@ impl Reloader {
     }
 
     /// The admin listener's settings being served (its token may change on reload).
-    pub fn admin(&self) -> crate::config::Admin {
+    pub fn admin(&self) -> Admin {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -175,31 +175,6 @@ impl Reloader {
     }
 }
 
-/// Reloads on SIGHUP until the server shuts down.
-pub struct SighupReload(pub Arc<Reloader>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for SighupReload {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot listen for SIGHUP, reload with POST /reload only: {e}");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    log::info!("SIGHUP: reloading");
-                    let _ = self.0.reload_async().await;
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-}
-
 /// What a panic said, for a message.
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -213,34 +188,5 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(panic) => panic_text(&*panic),
         Err(e) => e.to_string(),
-    }
-}
-
-/// Reopens the access log on SIGUSR1 (after log rotation moved the file away), as nginx
-/// does on SIGUSR1.
-pub struct ReopenOnUsr1(pub Arc<Reloader>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for ReopenOnUsr1 {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut usr1 =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!(
-                        "cannot listen for SIGUSR1, the access log reopens on reload only: {e}"
-                    );
-                    return;
-                }
-            };
-        loop {
-            tokio::select! {
-                _ = usr1.recv() => {
-                    log::info!("SIGUSR1: reopening the access log");
-                    self.0.reopen_access_log();
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }

@@ -1,51 +1,15 @@
 //! The way to an origin: which server, which scheme, which TLS name and trust, which
 //! timeouts, as a Pingora [`HttpPeer`].
 
-use crate::config::{Balance, OriginProtocol, Resource};
+use crate::config::{Balance, HealthCheck, OriginProtocol, Resource, Server};
 use futures_util::FutureExt;
-use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
-use std::net::IpAddr;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-
-/// CA certificates that sign an origin's certificate (`origin.ca_file`), parsed once.
-#[derive(Clone)]
-pub struct OriginCa(pub Arc<[WrappedX509]>);
-
-impl std::fmt::Debug for OriginCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OriginCa({} certificates)", self.0.len())
-    }
-}
-
-impl OriginCa {
-    /// Reads a PEM file of CA certificates; the error says what is wrong with the file.
-    pub fn load(path: &Path) -> Result<OriginCa, String> {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut certs = Vec::new();
-        for item in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let der = item.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
-            // parse_x509 panics on bad DER: check first.
-            if x509_parser::parse_x509_certificate(der.as_ref()).is_err() {
-                return Err(format!(
-                    "{} holds a certificate that does not parse",
-                    path.display()
-                ));
-            }
-            certs.push(WrappedX509::new(der.as_ref().to_vec(), parse_x509));
-        }
-        if certs.is_empty() {
-            return Err(format!(
-                "{} holds no certificate: put the PEM \"BEGIN CERTIFICATE\" blocks of the CA there",
-                path.display()
-            ));
-        }
-        Ok(OriginCa(certs.into()))
-    }
-}
+use pingora::lb::health_check::{HealthObserve, HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::{Consistent, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::upstreams::peer::{HttpPeer, PeerOptions};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Instant;
 
 /// Whether the connection to the origin uses TLS, given how the client came in.
 pub fn uses_tls(protocol: OriginProtocol, client_tls: bool) -> bool {
@@ -68,14 +32,19 @@ pub fn peer(res: &Resource, server: SocketAddr, client_tls: bool, client_host: &
         .unwrap_or(client_host)
         .to_string();
     let mut peer = HttpPeer::new(server, tls, sni);
-    peer.options.connection_timeout = Some(o.connect_timeout);
     peer.options.total_connection_timeout = Some(o.connect_timeout);
-    if tls {
-        peer.options.verify_cert = o.verify_tls;
-        peer.options.verify_hostname = o.verify_tls;
-        peer.options.ca = o.ca.as_ref().map(|c| c.0.clone());
-    }
+    connect_options(res, &mut peer.options);
     peer
+}
+
+/// What every connection to the resource's origin servers uses: the connect timeout and
+/// (for TLS) how the server's certificate is checked.
+fn connect_options(res: &Resource, options: &mut PeerOptions) {
+    let o = &res.origin;
+    options.connection_timeout = Some(o.connect_timeout);
+    options.verify_cert = o.verify_tls;
+    options.verify_hostname = o.verify_tls;
+    options.ca = o.ca.as_ref().map(|c| c.0.clone());
 }
 
 /// The live origin group of a resource: weighted or sticky selection among healthy
@@ -84,8 +53,8 @@ pub struct OriginGroup {
     primary: Pool,
     backup: Option<Pool>,
     size: usize,
-    check: Option<crate::config::HealthCheck>,
-    next_check: std::sync::Mutex<std::time::Instant>,
+    check: Option<HealthCheck>,
+    next_check: Mutex<Instant>,
 }
 
 enum Pool {
@@ -93,11 +62,8 @@ enum Pool {
     ClientIp(LoadBalancer<Consistent>),
 }
 
-use pingora::lb::selection::{Consistent, RoundRobin};
-use pingora::lb::{Backend, Backends, LoadBalancer};
-
 impl Pool {
-    fn new(res: &Resource, servers: &[crate::config::Server], balance: Balance) -> Pool {
+    fn new(res: &Resource, servers: &[Server], balance: Balance) -> Pool {
         let set: std::collections::BTreeSet<Backend> = servers
             .iter()
             .map(|s| {
@@ -161,7 +127,7 @@ impl BackendAddr for Backend {
 struct LogHealth(String);
 
 #[async_trait::async_trait]
-impl pingora::lb::health_check::HealthObserve for LogHealth {
+impl HealthObserve for LogHealth {
     async fn observe(&self, target: &Backend, healthy: bool) {
         let state = if healthy { "up" } else { "down" };
         log::warn!("resource {}: origin {} is {state}", self.0, target.addr);
@@ -170,20 +136,18 @@ impl pingora::lb::health_check::HealthObserve for LogHealth {
 
 fn health_check(
     res: &Resource,
-    hc: &crate::config::HealthCheck,
+    hc: &HealthCheck,
 ) -> Box<dyn pingora::lb::health_check::HealthCheck + Send + Sync> {
     let tls = uses_tls(res.origin.protocol, false);
-    let host = res.origin.host.clone().unwrap_or_else(|| {
-        res.hostnames
-            .iter()
-            .find(|h| !h.starts_with("*."))
-            .cloned()
-            .unwrap_or_else(|| res.hostnames[0].replace("*.", "www."))
-    });
+    let host = res
+        .origin
+        .host
+        .clone()
+        .unwrap_or_else(|| res.concrete_host());
     let observer = Box::new(LogHealth(res.name.clone()));
     match &hc.path {
         Some(path) => {
-            let mut check = pingora::lb::health_check::HttpHealthCheck::new(&host, tls);
+            let mut check = HttpHealthCheck::new(&host, tls);
             check.consecutive_success = hc.healthy_after as usize;
             check.consecutive_failure = hc.unhealthy_after as usize;
             check.req.set_uri(http::Uri::from(path.clone()));
@@ -197,10 +161,7 @@ fn health_check(
                     )
                 }
             }));
-            check.peer_template.options.connection_timeout = Some(res.origin.connect_timeout);
-            check.peer_template.options.verify_cert = res.origin.verify_tls;
-            check.peer_template.options.verify_hostname = res.origin.verify_tls;
-            check.peer_template.options.ca = res.origin.ca.as_ref().map(|c| c.0.clone());
+            connect_options(res, &mut check.peer_template.options);
             if let Some(sni) = &res.origin.sni {
                 check.peer_template.sni = sni.clone();
             }
@@ -208,7 +169,7 @@ fn health_check(
             Box::new(check)
         }
         None => {
-            let mut check = pingora::lb::health_check::TcpHealthCheck::new();
+            let mut check = TcpHealthCheck::new();
             check.consecutive_success = hc.healthy_after as usize;
             check.consecutive_failure = hc.unhealthy_after as usize;
             check.peer_template.options.connection_timeout = Some(res.origin.connect_timeout);
@@ -228,7 +189,7 @@ impl OriginGroup {
             backup: (!backups.is_empty()).then(|| Pool::new(res, &backups, Balance::RoundRobin)),
             size: res.origin.servers.len(),
             check: res.origin.health_check.clone(),
-            next_check: std::sync::Mutex::new(std::time::Instant::now()),
+            next_check: Mutex::new(Instant::now()),
         }
     }
 
@@ -253,12 +214,13 @@ impl OriginGroup {
         self.size
     }
 
-    /// Runs the health checks if their interval has passed (called about once a second).
+    /// Runs the health checks if their interval has passed (the checker calls this five
+    /// times a second).
     pub async fn check_if_due(&self) {
         let Some(check) = &self.check else { return };
         {
             let mut next = self.next_check.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if now < *next {
                 return;
             }
@@ -274,26 +236,5 @@ impl OriginGroup {
 impl std::fmt::Debug for OriginGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "OriginGroup({} servers)", self.size)
-    }
-}
-
-/// Runs every resource's health checks on their intervals.
-pub struct HealthChecker(pub crate::proxy::Resources);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {
-                    let table = self.0.load_full();
-                    let checks = table.sites().iter().map(|s| s.group.check_if_due());
-                    futures_util::future::join_all(checks).await;
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }

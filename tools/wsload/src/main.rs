@@ -275,7 +275,7 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, window: u64, pids
 
 /// Time to answer `/stats` for 366 daily buckets, rendering included, in-process.
 fn stats_query() {
-    use wsedge::stats::EdgeStats;
+    use wsedge::EdgeStats;
     let stats = EdgeStats::default();
     let r = stats.resource("chat");
     let day0 = 1_764_547_200; // 2025-12-01
@@ -287,16 +287,15 @@ fn stats_query() {
         stats.tick(std::time::UNIX_EPOCH + Duration::from_secs(day0 + h * 3600));
     }
     let q = "resource=chat&granularity=1d&from=2025-01-01T00:00:00Z&to=2027-12-31T00:00:00Z";
-    let check = wsedge::admin::stats_response(&stats, Some(q));
-    let body = String::from_utf8_lossy(check.body());
+    let (_, body) = stats.stats_page(Some(q));
     let buckets = body.matches("\"start\"").count();
     assert_eq!(buckets, 366, "{body}");
     let runs = 2000;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
-        let resp = wsedge::admin::stats_response(&stats, Some(q));
-        std::hint::black_box(resp);
+        let page = stats.stats_page(Some(q));
+        std::hint::black_box(page);
         times.push(t.elapsed().as_nanos() as u64);
     }
     times.sort_unstable();

@@ -1,0 +1,405 @@
+//! Running an edge: [`Edge`] builds everything a configuration asks for (the proxy behind
+//! its header guard on every listener, the background services, the admin listener), for
+//! the `wsedge` binary ([`run`]) and for a Pingora server of an embedder's own alike.
+
+use crate::config::Config;
+use crate::observe::access_log::{error_log_dropped, AccessLog, ErrorLog, LineWriter};
+use crate::observe::metrics::EdgeStats;
+use crate::ops::reload::Reloader;
+use crate::ops::{admin, ready, services};
+use crate::request::header_guard::HeaderGuard;
+use crate::request::proxy::EdgeProxy;
+use crate::sites::router::{Lasting, Router, SharedRouter};
+use crate::sites::tls::{RecordSni, SniResolver};
+use crate::ConfigError;
+use arc_swap::ArcSwap;
+use pingora::apps::http_app::HttpServer;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use pingora::services::ServiceWithDependents;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The configuration file (`-c`).
+    pub config: PathBuf,
+    /// Check the configuration and exit (`-t`).
+    pub test: bool,
+    /// Run in the background (`-d`, Pingora's).
+    pub daemon: bool,
+    /// Take the listening sockets over from a running wsedge (`-u`, Pingora's).
+    pub upgrade: bool,
+    /// Also start the built-in demo origin on the first resource's first server address.
+    pub demo: bool,
+}
+
+/// Why wsedge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The configuration is valid but could not be built into what serves it: a defect,
+    /// reported instead of a panic.
+    #[error("{file}: cannot build the edge: {why}")]
+    Build {
+        /// The configuration file.
+        file: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The access log file could not be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        /// The configured target.
+        target: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Port-0 listeners sharing an IP could not be given free ports.
+    #[error("cannot find free ports for the port-0 listeners: {source}")]
+    Port {
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The demo origin could not start.
+    #[error("cannot start the demo origin on {addr}: {source}")]
+    Demo {
+        /// Where it tried to listen.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Pingora's `ServerConf` from the file's `pingora:` section (validated at load).
+pub fn server_conf(config: &Config) -> ServerConf {
+    config
+        .pingora_yaml
+        .as_deref()
+        .and_then(|y| ServerConf::from_yaml(y).ok())
+        .or_else(ServerConf::new)
+        .unwrap_or_default()
+}
+
+/// Builds the resource table as a start would, turning a panic into an error: `-t` and
+/// the start itself use it, so a file `-t` accepts also starts.
+fn build_router(config: &Config, lasting: &Lasting) -> Result<SharedRouter, RunError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Router::new(config, lasting)
+    }))
+    .map(|router| Arc::new(ArcSwap::from_pointee(router)))
+    .map_err(|panic| RunError::Build {
+        file: config.source.display().to_string(),
+        why: panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+    })
+}
+
+/// An edge built from a configuration, to add to a Pingora server: the proxy behind the
+/// header guard on every listener of `listen` (TLS listeners with the certificates of the
+/// resources), origin health checks, the `/stats` ticker, reload on SIGHUP and reopening
+/// the access log on SIGUSR1; with [`Edge::with_admin`], the admin listener. The binary and
+/// `examples/embed.rs` run the same edge.
+pub struct Edge {
+    config: Config,
+    router: SharedRouter,
+    lasting: Arc<Lasting>,
+    access_log: Arc<AccessLog>,
+    reloader: Arc<Reloader>,
+    services: Vec<Box<dyn ServiceWithDependents>>,
+}
+
+impl Edge {
+    /// Builds the edge for `config` with the server's configuration `server_conf`
+    /// (`server.configuration`).
+    pub fn build(config: Config, server_conf: &Arc<ServerConf>) -> Result<Edge, RunError> {
+        let stats = Arc::new(EdgeStats::default());
+        let lasting = Arc::new(Lasting::new(stats.clone()));
+        let router = build_router(&config, &lasting)?;
+        let access_log =
+            AccessLog::open(&config.access_log, stats.access_log_dropped()).map_err(|source| {
+                RunError::AccessLog {
+                    target: format!("{:?}", config.access_log),
+                    source,
+                }
+            })?;
+        let access_log = Arc::new(access_log);
+        let reloader = Arc::new(
+            Reloader::new(config.clone(), router.clone(), lasting.clone())
+                .with_access_log(access_log.clone()),
+        );
+        let mut edge = Edge {
+            config,
+            router,
+            lasting,
+            access_log,
+            reloader,
+            services: Vec::new(),
+        };
+        edge.add_listeners(server_conf)?;
+        let (router, stats, reloader) = (edge.router.clone(), stats, edge.reloader.clone());
+        edge.services.push(Box::new(background_service(
+            "origin health checks",
+            services::HealthChecker(router),
+        )));
+        edge.services.push(Box::new(background_service(
+            "stats windows",
+            services::Ticker(stats),
+        )));
+        edge.services.push(Box::new(background_service(
+            "reload on SIGHUP",
+            services::SighupReload(reloader.clone()),
+        )));
+        edge.services.push(Box::new(background_service(
+            "reopen the access log on SIGUSR1",
+            services::ReopenOnUsr1(reloader),
+        )));
+        Ok(edge)
+    }
+
+    /// The proxy on the `listen` addresses: plain listeners in one service, TLS listeners
+    /// (TCP to Pingora; the guard makes the handshake under the header deadline) in another.
+    fn add_listeners(&mut self, server_conf: &Arc<ServerConf>) -> Result<(), RunError> {
+        let config = &self.config;
+        let proxy = EdgeProxy::new(self.router.clone(), self.lasting.stats.clone())
+            .with_access_log(self.access_log.clone())
+            .with_metrics(config.metrics)
+            .with_unbuffered_listeners(true);
+        let mut http = pingora::proxy::http_proxy(server_conf, proxy);
+        // An HTTP/2 connection without a stream is closed after the keep-alive timeout, its
+        // header blocks are held to the HTTP/1.1 limit (431), and an HTTP/1.1 connection
+        // carries at most `max_requests_per_connection` requests (Pingora counts reuses).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = Some(config.client.keepalive_timeout);
+        options.keepalive_request_limit = config
+            .client
+            .max_requests_per_connection
+            .map(|n| n.saturating_sub(1));
+        http.server_options = Some(options);
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.max_header_list_size(u32::try_from(config.client.max_header_bytes).unwrap_or(u32::MAX));
+        http.h2_options = Some(h2);
+        let http = Arc::new(http);
+        let guard = || {
+            let stats = self.lasting.stats.clone();
+            HeaderGuard::new(http.clone(), config.client)
+                .with_reporting(self.access_log.clone(), stats)
+        };
+        // Pingora puts a 64 KiB read buffer under every client connection by default.
+        // Nothing here reads in small pieces (the header guard, Pingora's parsers and the
+        // relay all read into buffers of their own), so it would only cost memory.
+        let l4 = L4BufferSettings::default().read(0);
+        let listener = |addr: &SocketAddr| ListenerConfig::tcp(addr.to_string()).l4_buffer(l4);
+        let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
+        if !config.listen.http.is_empty() {
+            let mut service = Service::new("wsedge".into(), guard());
+            config
+                .listen
+                .http
+                .iter()
+                .for_each(|a| service.add_listener(listener(a)));
+            services.push(Box::new(service));
+        }
+        if !config.listen.https.is_empty() {
+            let mut settings =
+                TlsSettings::with_callbacks(Box::new(RecordSni)).map_err(|e| RunError::Build {
+                    file: config.source.display().to_string(),
+                    why: format!("TLS: {e}"),
+                })?;
+            settings.set_cert_resolver(Arc::new(SniResolver::new(self.router.clone())));
+            // h2 for plain requests; WebSocket upgrades stay on HTTP/1.1 (no RFC 8441), and
+            // browsers open WebSockets on a connection of their own, offering http/1.1.
+            settings.enable_h2();
+            let acceptor = Arc::new(settings.build());
+            let mut service = Service::new("wsedge tls".into(), guard().with_tls(acceptor));
+            config
+                .listen
+                .https
+                .iter()
+                .for_each(|a| service.add_listener(listener(a)));
+            services.push(Box::new(service));
+        }
+        self.services.extend(services);
+        Ok(())
+    }
+
+    /// Adds the admin listener (`/healthz`, `/metrics`, `/stats`, `POST /reload`) at the
+    /// configuration's `admin` address.
+    pub fn with_admin(mut self) -> Edge {
+        let app = admin::Admin {
+            stats: self.lasting.stats.clone(),
+            reloader: self.reloader.clone(),
+        };
+        let mut service = Service::new("wsedge admin".into(), HttpServer::new_app(app));
+        service.add_tcp(&self.config.admin.addr.to_string());
+        self.services.push(Box::new(service));
+        self
+    }
+
+    /// The live resource table (store a new `Router` in it to reload by hand).
+    pub fn router(&self) -> &SharedRouter {
+        &self.router
+    }
+
+    /// The counters of every resource.
+    pub fn stats(&self) -> &Arc<EdgeStats> {
+        &self.lasting.stats
+    }
+
+    /// The access log (flush it after the server has stopped).
+    pub fn access_log(&self) -> &Arc<AccessLog> {
+        &self.access_log
+    }
+
+    /// Adds every service of the edge to `server`.
+    pub fn add_to(self, server: &mut Server) {
+        server.add_services(self.services);
+    }
+}
+
+/// The process's own log (`log`/`env_logger`, Pingora's included) on stderr through a
+/// bounded queue, so a stalled reader never stops the proxy (lines are dropped and
+/// counted instead). Returns the writer, to flush at exit.
+pub fn init_logging() -> Arc<LineWriter> {
+    let errors = Arc::new(LineWriter::stderr(error_log_dropped().clone()));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(ErrorLog(errors.clone()))))
+        .init();
+    errors
+}
+
+/// Runs wsedge as the command line asked. Returns for `-t`, on an error, or once the
+/// server has shut down (with its access log flushed).
+pub fn run(opts: Options) -> Result<(), RunError> {
+    let mut config = Config::load(&opts.config)?;
+    for w in &config.warnings {
+        eprintln!("wsedge: warning: {w}");
+    }
+    if opts.test {
+        build_router(&config, &Lasting::default())?;
+        println!(
+            "wsedge: the configuration file {} syntax is ok ({} resources)",
+            opts.config.display(),
+            config.resources.len()
+        );
+        return Ok(());
+    }
+    match crate::os::raise_nofile_limit() {
+        Ok(n) => log::info!("open files: up to {n} (each connection takes one, a tunnel two)"),
+        Err(e) => log::warn!("cannot read the open-file limit: {e}"),
+    }
+    let demo_addr = if opts.demo {
+        Some(start_demo(&mut config)?)
+    } else {
+        None
+    };
+    let listen = &mut config.listen;
+    let mut addrs: Vec<&mut SocketAddr> = listen.http.iter_mut().collect();
+    addrs.extend(listen.https.iter_mut());
+    addrs.push(&mut config.admin.addr);
+    ready::pin_ambiguous_ports(&mut addrs).map_err(|source| RunError::Port { source })?;
+
+    let pingora_opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(pingora_opt, server_conf(&config));
+    server.bootstrap();
+    let readiness = Readiness::of(&config, demo_addr);
+    let edge = Edge::build(config, &server.configuration)?.with_admin();
+    let access_log = edge.access_log().clone();
+    edge.add_to(&mut server);
+    std::thread::spawn(move || readiness.announce());
+    server.run(RunArgs::default());
+    // Tunnels cut at shutdown were logged as the runtimes dropped them: write those lines.
+    access_log.flush(Duration::from_secs(5));
+    Ok(())
+}
+
+/// Starts the demo origin at the first resource's first server (a port-0 address becomes
+/// the port it got, for every server at that address).
+#[cfg(feature = "demo")]
+fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
+    let addr = config.resources[0].origin.servers[0].addr;
+    let bound = crate::demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
+    for r in &mut config.resources {
+        for s in &mut Arc::make_mut(r).origin.servers {
+            if s.addr == addr {
+                s.addr = bound;
+            }
+        }
+    }
+    println!("wsedge: demo origin on {bound}");
+    Ok(bound)
+}
+
+#[cfg(not(feature = "demo"))]
+fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
+    let addr = config.resources[0].origin.servers[0].addr;
+    Err(RunError::Demo {
+        addr,
+        source: std::io::Error::other("this wsedge was built without the `demo` feature"),
+    })
+}
+
+/// What the readiness lines say, gathered before the configuration moves into the edge.
+struct Readiness {
+    wanted: Vec<SocketAddr>,
+    http_count: usize,
+    demo: Option<SocketAddr>,
+    host: String,
+}
+
+impl Readiness {
+    fn of(config: &Config, demo: Option<SocketAddr>) -> Readiness {
+        let mut wanted = config.listen.http.clone();
+        wanted.extend(&config.listen.https);
+        wanted.push(config.admin.addr);
+        Readiness {
+            wanted,
+            http_count: config.listen.http.len(),
+            demo,
+            host: config.resources[0].concrete_host(),
+        }
+    }
+
+    /// Waits for the listeners and prints where to connect (the lines scripts and tests
+    /// wait for).
+    fn announce(self) {
+        let exclude: Vec<_> = self.demo.into_iter().collect();
+        let Some(mut bound) = ready::wait_for(&self.wanted, &exclude, Duration::from_secs(30))
+        else {
+            eprintln!("wsedge: listeners did not come up within 30s");
+            return;
+        };
+        let admin = bound.pop();
+        for (i, a) in bound.iter().enumerate() {
+            let scheme = if i < self.http_count { "http" } else { "https" };
+            println!("wsedge: listening on {scheme}://{a}");
+        }
+        if let Some(a) = admin {
+            println!("wsedge: admin on http://{a}");
+        }
+        if self.demo.is_some() {
+            let (port, host) = (bound[0].port(), &self.host);
+            let scheme = if self.http_count > 0 { "http" } else { "https" };
+            println!("wsedge: demo ready: open {scheme}://{host}:{port}/ (resolve {host} to 127.0.0.1), or:");
+            println!("  curl -k -H 'Host: {host}' {scheme}://127.0.0.1:{port}/");
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! From [`FileConfig`] to [`Config`]: one function per section, defaults merged in one
+//! step, cross-checks done (unique names and hostnames, certificates for https, a primary
+//! server per group), files read and names resolved, every error placed at a file, line
+//! and column with the resource and key named and a way to fix it.
+
+use super::errors::{from_serde, locate, ConfigError};
+use super::file::{FileConfig, ResourceFile, ResourceType, TlsFile, WebSocketFile};
+use super::{
+    AccessLogTarget, Admin, Certificate, ClientLimits, Config, HandshakeRate, HealthCheck, Listen,
+    Origin, OriginCa, Resource, Server, WebSocket,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time between health checks, when a `health_check` does not say.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Consecutive results that flip a server's health, when not configured.
+pub const DEFAULT_HEALTH_STREAK: u32 = 2;
+
+/// Parses and builds the configuration in `text`; `path` names it in errors and is the
+/// folder relative paths start from.
+pub(super) fn build(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let parsed: FileConfig = serde_yaml::from_str(text).map_err(|e| from_serde(&file, text, &e))?;
+    Builder {
+        file,
+        text,
+        base: path.parent().unwrap_or(Path::new(".")),
+        warnings: Vec::new(),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    }
+    .config(path, parsed)
+}
+
+/// What building one file needs: where it is (for errors and relative paths) and the
+/// warnings found so far.
+struct Builder<'a> {
+    file: String,
+    text: &'a str,
+    base: &'a Path,
+    warnings: Vec<String>,
+    now: i64,
+}
+
+impl Builder<'_> {
+    /// An error at the `nth` occurrence of `needle`, in the block of resource `at` (index
+    /// and name) when given.
+    fn invalid(
+        &self,
+        at: Option<(usize, &str)>,
+        key: String,
+        needle: &str,
+        nth: usize,
+        message: String,
+    ) -> ConfigError {
+        let (line, column) = locate(self.text, at.map(|(i, _)| i), needle, nth);
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            line,
+            column,
+            resource: at.map(|(_, name)| name.to_string()),
+            key,
+            message,
+        }
+    }
+
+    fn config(mut self, path: &Path, f: FileConfig) -> Result<Config, ConfigError> {
+        let listen = self.listen(&f)?;
+        let default_certificate = match &f.listen.default_certificate {
+            Some(t) => Some(self.certificate(None, "listen.default_certificate".into(), t)?),
+            None => None,
+        };
+        let resources = self.resources(&f)?;
+        if !listen.https.is_empty()
+            && default_certificate.is_none()
+            && resources.iter().all(|r| r.tls.is_none())
+        {
+            return Err(self.invalid(
+                None,
+                "listen.https".into(),
+                "https",
+                0,
+                "an https listener needs certificates: give resources a `tls: { certificate, private_key }` block, or set listen.default_certificate".into(),
+            ));
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            pingora_yaml: self.pingora(&f)?,
+            admin: self.admin(&f)?,
+            metrics: f.metrics.unwrap_or(true),
+            client: client(&f),
+            access_log: match f.access_log.as_deref() {
+                None | Some("stdout") => AccessLogTarget::Stdout,
+                Some("off") => AccessLogTarget::Off,
+                Some(p) => AccessLogTarget::File(relative_to(self.base, p)),
+            },
+            listen,
+            resources,
+            default_certificate,
+            warnings: self.warnings,
+        })
+    }
+
+    fn listen(&self, f: &FileConfig) -> Result<Listen, ConfigError> {
+        if f.listen.http.is_empty() && f.listen.https.is_empty() {
+            return Err(self.invalid(
+                None,
+                "listen.http".into(),
+                "listen",
+                0,
+                "no listener: add at least one address, like `http: [\"0.0.0.0:8080\"]`".into(),
+            ));
+        }
+        Ok(Listen {
+            http: f.listen.http.iter().map(|a| a.0).collect(),
+            https: f.listen.https.iter().map(|a| a.0).collect(),
+        })
+    }
+
+    /// Pingora's section, checked by Pingora itself and kept as YAML text (its
+    /// `ServerConf` is not `Clone`).
+    fn pingora(&self, f: &FileConfig) -> Result<Option<String>, ConfigError> {
+        let Some(map) = &f.pingora else {
+            return Ok(None);
+        };
+        let yaml = serde_yaml::to_string(map).unwrap_or_default();
+        match pingora::server::configuration::ServerConf::from_yaml(&yaml) {
+            Ok(_) => Ok(Some(yaml)),
+            Err(e) => Err(self.invalid(
+                None,
+                "pingora".into(),
+                "pingora",
+                0,
+                format!("Pingora rejects this section: {e}; see Pingora's ServerConf keys"),
+            )),
+        }
+    }
+
+    /// A certificate chain and key; an expired one is a warning (clients will say so).
+    fn certificate(
+        &mut self,
+        at: Option<(usize, &str)>,
+        key: String,
+        t: &TlsFile,
+    ) -> Result<Certificate, ConfigError> {
+        let chain = relative_to(self.base, &t.certificate);
+        let private = relative_to(self.base, &t.private_key);
+        let cert = Certificate::load(&chain, &private).map_err(|why| {
+            self.invalid(
+                at,
+                key.clone(),
+                &t.certificate,
+                0,
+                format!("{why}; paths are relative to the config file's folder"),
+            )
+        })?;
+        if cert.expired(self.now) {
+            self.warnings.push(format!(
+                "{}: {}{key}: the certificate {} has expired; clients will refuse it",
+                self.file,
+                at.map(|(_, r)| format!("resource \"{r}\": "))
+                    .unwrap_or_default(),
+                chain.display()
+            ));
+        }
+        Ok(cert)
+    }
+
+    /// Every resource, with names and hostnames unique across them.
+    fn resources(&mut self, f: &FileConfig) -> Result<Vec<Arc<Resource>>, ConfigError> {
+        if f.resources.is_empty() {
+            return Err(self.invalid(
+                None,
+                "resources".into(),
+                "resources",
+                0,
+                "no resources: add at least one resource with a name, hostnames and an origin"
+                    .into(),
+            ));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut owners: HashMap<&str, &str> = HashMap::new();
+        let mut resources = Vec::with_capacity(f.resources.len());
+        for (i, r) in f.resources.iter().enumerate() {
+            let name = r.name.0.as_str();
+            let at = Some((i, name));
+            if names.insert(name, i).is_some() {
+                return Err(self.invalid(
+                    at,
+                    format!("resources[{i}].name"),
+                    "name",
+                    0,
+                    format!("another resource is already named \"{name}\"; names must be unique"),
+                ));
+            }
+            if r.hostnames.is_empty() {
+                return Err(self.invalid(
+                    at,
+                    format!("resources[{i}].hostnames"),
+                    "hostnames",
+                    0,
+                    "no hostnames: list the names this resource serves, like [\"chat.example.com\"]"
+                        .into(),
+                ));
+            }
+            for (j, h) in r.hostnames.iter().enumerate() {
+                let h = h.0.as_str();
+                if let Some(other) = owners.insert(h, name) {
+                    return Err(self.invalid(
+                        at,
+                        format!("resources[{i}].hostnames[{j}]"),
+                        h,
+                        0,
+                        format!(
+                            "hostname \"{h}\" already belongs to resource \"{other}\"; a hostname may belong to one resource only"
+                        ),
+                    ));
+                }
+            }
+            resources.push(Arc::new(self.resource(f, i, r)?));
+        }
+        Ok(resources)
+    }
+
+    /// One resource: its keys merged with `defaults`, its servers resolved, its files read.
+    fn resource(
+        &mut self,
+        f: &FileConfig,
+        i: usize,
+        r: &ResourceFile,
+    ) -> Result<Resource, ConfigError> {
+        let at = Some((i, r.name.0.as_str()));
+        let tls = match &r.tls {
+            Some(t) => Some(self.certificate(at, format!("resources[{i}].tls"), t)?),
+            None => None,
+        };
+        Ok(Resource {
+            name: r.name.0.clone(),
+            hostnames: r.hostnames.iter().map(|h| h.0.clone()).collect(),
+            kind: r.kind,
+            origin: self.origin(f, i, r)?,
+            websocket: websocket(&r.websocket.or(&f.defaults.websocket), r.kind),
+            tls,
+        })
+    }
+
+    fn origin(&self, f: &FileConfig, i: usize, r: &ResourceFile) -> Result<Origin, ConfigError> {
+        let at = Some((i, r.name.0.as_str()));
+        let (o, d) = (&r.origin, &f.defaults.origin);
+        let mut servers = Vec::with_capacity(o.servers.len());
+        for (j, server) in o.servers.iter().enumerate() {
+            let addr = resolve(&server.address.0).map_err(|why| {
+                self.invalid(
+                    at,
+                    format!("resources[{i}].origin.servers[{j}].address"),
+                    &server.address.0,
+                    0,
+                    why,
+                )
+            })?;
+            servers.push(Server {
+                addr,
+                weight: server.weight.map_or(1, |w| w.0 as u32),
+                backup: server.backup.unwrap_or(false),
+            });
+        }
+        if servers.iter().all(|s| s.backup) {
+            return Err(self.invalid(
+                at,
+                format!("resources[{i}].origin.servers"),
+                "servers",
+                0,
+                "every server is a backup: make at least one a primary (remove `backup: true`)"
+                    .into(),
+            ));
+        }
+        let ca_file = o
+            .ca_file
+            .as_ref()
+            .or(d.ca_file.as_ref())
+            .map(|p| relative_to(self.base, p));
+        let ca = match &ca_file {
+            Some(path) => Some(OriginCa::load(path).map_err(|why| {
+                self.invalid(
+                    at,
+                    format!("resources[{i}].origin.ca_file"),
+                    "ca_file",
+                    0,
+                    format!("{why}; the path is relative to the config file's folder"),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Origin {
+            protocol: o.protocol.or(d.protocol).unwrap_or_default(),
+            servers,
+            balance: o.balance.unwrap_or_default(),
+            health_check: o.health_check.as_ref().map(|h| HealthCheck {
+                path: h.path.as_ref().map(|p| p.0.clone()),
+                interval: h.interval.as_ref().map_or(DEFAULT_HEALTH_INTERVAL, |i| i.0),
+                healthy_after: h
+                    .healthy_after
+                    .map_or(DEFAULT_HEALTH_STREAK, |n| n.0 as u32),
+                unhealthy_after: h
+                    .unhealthy_after
+                    .map_or(DEFAULT_HEALTH_STREAK, |n| n.0 as u32),
+            }),
+            host: o.host.clone(),
+            sni: o.sni.clone(),
+            verify_tls: o.verify_tls.or(d.verify_tls).unwrap_or(true),
+            ca_file,
+            ca,
+            connect_timeout: o
+                .connect_timeout
+                .as_ref()
+                .or(d.connect_timeout.as_ref())
+                .map_or(super::DEFAULT_CONNECT_TIMEOUT, |t| t.0),
+        })
+    }
+
+    fn admin(&mut self, f: &FileConfig) -> Result<Admin, ConfigError> {
+        let admin =
+            match &f.admin {
+                None => Admin {
+                    addr: super::DEFAULT_ADMIN,
+                    token: None,
+                    hostnames: Vec::new(),
+                },
+                Some(a) => Admin {
+                    addr: a.listen.0,
+                    token: match &a.token_file {
+                        None => None,
+                        Some(t) => Some(read_token(&relative_to(self.base, t)).map_err(|why| {
+                            self.invalid(None, "admin.token_file".into(), t, 0, why)
+                        })?),
+                    },
+                    hostnames: a.hostnames.iter().map(|h| h.0.clone()).collect(),
+                },
+            };
+        if !admin.addr.ip().is_loopback() && admin.token.is_none() {
+            self.warnings.push(format!(
+                "{}: admin: the admin listener {} is reachable from other hosts and POST /reload needs no token; set admin.token_file",
+                self.file, admin.addr
+            ));
+        }
+        Ok(admin)
+    }
+}
+
+/// A resource's WebSocket settings from its keys, already merged with `defaults`.
+fn websocket(w: &WebSocketFile, kind: ResourceType) -> WebSocket {
+    WebSocket {
+        // static_only resources serve files: no WebSocket unless asked for.
+        enabled: w.enabled.unwrap_or(kind == ResourceType::FullSite),
+        idle_timeout: w
+            .idle_timeout
+            .as_ref()
+            .map_or(super::DEFAULT_IDLE_TIMEOUT, |t| t.0),
+        handshake_timeout: w
+            .handshake_timeout
+            .as_ref()
+            .map_or(super::DEFAULT_HANDSHAKE_TIMEOUT, |t| t.0),
+        paths: w.paths.iter().flatten().map(|p| p.0.clone()).collect(),
+        allowed_origins: w
+            .allowed_origins
+            .iter()
+            .flatten()
+            .map(|o| o.0.clone())
+            .collect(),
+        max_connections: w.max_connections,
+        max_connections_per_ip: w.max_connections_per_ip.map(|n| n.0 as u32),
+        handshake_rate: w.handshake_rate.as_ref().map(|r| HandshakeRate {
+            per_second: r.rate.0,
+            // Default burst: one second's worth, at least 1.
+            burst: r
+                .burst
+                .map_or((r.rate.0.ceil() as u32).max(1), |b| b.0 as u32),
+        }),
+        max_lifetime: w.max_lifetime.as_ref().map(|t| t.0),
+    }
+}
+
+fn client(f: &FileConfig) -> ClientLimits {
+    let c = &f.client;
+    ClientLimits {
+        header_timeout: c
+            .header_timeout
+            .as_ref()
+            .map_or(super::DEFAULT_HEADER_TIMEOUT, |t| t.0),
+        max_header_bytes: c
+            .max_header_bytes
+            .map_or(super::DEFAULT_MAX_HEADER_BYTES, |b| b.0 as usize),
+        keepalive_timeout: c
+            .keepalive_timeout
+            .as_ref()
+            .map_or(super::DEFAULT_KEEPALIVE_TIMEOUT, |t| t.0),
+        max_requests_per_connection: c.max_requests_per_connection.map(|n| n.0 as u32),
+        ipv6_prefix: c
+            .ipv6_prefix
+            .map_or(super::DEFAULT_IPV6_PREFIX, |p| p.0 as u8),
+    }
+}
+
+/// The admin token: the file's first line, at least 16 characters (a guessable token is
+/// no protection).
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} must hold a token of at least 16 printable characters on its first line, like the output of `openssl rand -hex 32`",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// `ip:port` as is; `name:port` through the system resolver (the first address).
+fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = address.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("\"{address}\" resolves to no address")),
+        Err(e) => Err(format!(
+            "\"{address}\" does not resolve ({e}); fix the name or use ip:port"
+        )),
+    }
+}
+
+fn relative_to(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}

@@ -1,0 +1,253 @@
+//! A WebSocket tunnel: the upgrade sent to the origin, its answer relayed, and after a 101
+//! the two connections handed to a relay of their own.
+//!
+//! wsedge relays the upgraded connection itself instead of leaving it to Pingora's
+//! `proxy_h1` pipe. Pingora 0.9.1 tears a tunnel down when the origin's 101 is read before
+//! the upgrade request's own (empty) end of body has been handed to the upstream half
+//! (cloudflare/pingora#946): both halves run in one `select!`, which picks at random among
+//! ready branches, so the order depends on scheduling and no hook can fix it.
+//!
+//! The family, in the order a tunnel lives: this module connects to the origin and reads
+//! its answer; [`handoff`] takes the connections out of Pingora; [`relay`] moves the bytes;
+//! [`tally`] counts them and records the tunnel's end; [`frames`] reads frame headers.
+
+pub mod frames;
+mod handoff;
+pub mod relay;
+pub mod tally;
+
+use crate::config::Resource;
+use crate::observe::labels::CloseReason;
+use crate::policy::answer::Answer;
+use crate::policy::handshake::has_token;
+use crate::policy::limits::Slot;
+use crate::sites::origin::{self, OriginGroup};
+use crate::streams::bare_tcp::BareTcp;
+use handoff::{detach, poll_preread, take_client};
+use pingora::connectors::http::v1::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::v1::client::HttpSession as OriginSession;
+use pingora::proxy::Session;
+use relay::Relay;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tally::{Reporting, TunnelGuard, TunnelInfo};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at};
+
+/// What became of an upgrade request the gate allowed.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The 101 went out and the tunnel runs as a task of its own (its guard records it
+    /// when it ends).
+    Opened,
+    /// The origin answered with something other than 101, which was passed on unchanged.
+    Refused(u16),
+    /// The origin failed: the edge answers for it (502, 504).
+    Failed(Answer),
+}
+
+/// A tunnel to open: what it is for, where it reports, and the slot it holds.
+pub struct Request<'a> {
+    /// The resource.
+    pub resource: &'a Resource,
+    /// Its origin group.
+    pub group: &'a OriginGroup,
+    /// The upgrade request as the origin gets it.
+    pub header: RequestHeader,
+    /// Who and what the tunnel is for.
+    pub info: TunnelInfo,
+    /// Where it reports.
+    pub report: Reporting,
+    /// Its slot, held by the tunnel and given back as soon as the answer is not a 101.
+    pub slot: Slot,
+}
+
+/// Sends the upgrade to the resource's origin group and, on 101, hands the connections to
+/// a [`Relay`] of their own. Errors are the client's side failing while the origin's
+/// answer is written.
+pub async fn open(
+    session: &mut Session,
+    connector: &Connector,
+    tunnel: Request<'_>,
+) -> pingora::Result<Outcome> {
+    let Request {
+        resource: res,
+        group,
+        header: req,
+        info,
+        report,
+        slot,
+    } = tunnel;
+    let Some((mut up, server)) = send_upgrade(res, group, connector, &req, &info).await else {
+        return Ok(Outcome::Failed(Answer::OriginUnreachable));
+    };
+    let resp = match read_answer(session, &mut up, res, server).await? {
+        Ok(resp) => resp,
+        Err(answer) => return Ok(Outcome::Failed(answer)),
+    };
+    if resp.status.as_u16() != 101 {
+        // Not a tunnel: its slot is free now, and the answer is passed on within bounds.
+        drop(slot);
+        let status = resp.status.as_u16();
+        pass_answer(session, &mut up, resp, res.websocket.handshake_timeout).await?;
+        return Ok(Outcome::Refused(status));
+    }
+    // RFC 6455 §4.1: a 101 that does not switch to websocket is not a WebSocket answer;
+    // relaying it would hand the client a connection in an unknown protocol.
+    if !has_token(&resp.headers, http::header::UPGRADE, "websocket") {
+        log::warn!(
+            "resource {}: origin {server} answered 101 without Upgrade: websocket",
+            res.name
+        );
+        return Ok(Outcome::Failed(Answer::OriginInvalid));
+    }
+    session.write_response_header(resp, false).await?;
+
+    let (detachable, tls) = (info.detachable, info.tls);
+    let mut guard = TunnelGuard::new(info, report, slot, server);
+    let Some((client, from_client)) = take_client(session) else {
+        // Upgrades only come over HTTP/1 (there is no RFC 8441 here): not reached.
+        guard.finish(CloseReason::Error);
+        return Ok(Outcome::Opened);
+    };
+    up.read_timeout = None;
+    // What the session holds is all there is to take now: no read from the socket.
+    BareTcp::set_quiet(up.stream(), true);
+    let from_origin = poll_preread(up.read_body_bytes());
+    let origin = up.into_inner();
+    BareTcp::set_quiet(&origin, false);
+    let client = match detachable {
+        true => detach(client),
+        false => client,
+    };
+    let idle = res.websocket.idle_timeout;
+    crate::os::set_user_timeout(&*client, idle);
+    crate::os::set_user_timeout(&*origin, idle);
+    // The tunnel runs as a task of its own; Pingora's request state ends here. A TLS
+    // client is sent its close_notify when the tunnel ends.
+    tokio::spawn(Relay::new(
+        client,
+        origin,
+        &res.websocket,
+        guard,
+        [from_client, from_origin],
+        tls,
+    ));
+    Ok(Outcome::Opened)
+}
+
+/// Sends the upgrade to the group's servers (healthy primaries, then backups), each once,
+/// until one takes it; a server that refuses or cannot be reached costs no more than its
+/// connect attempt.
+async fn send_upgrade(
+    res: &Resource,
+    group: &OriginGroup,
+    connector: &Connector,
+    req: &RequestHeader,
+    info: &TunnelInfo,
+) -> Option<(OriginSession, SocketAddr)> {
+    let mut tried = Vec::with_capacity(group.size());
+    while let Some(server) = group.next(info.client_ip, &tried) {
+        tried.push(server);
+        match connect(res, server, info, connector).await {
+            Ok(mut up) => match up.write_request_header(Box::new(req.clone())).await {
+                Ok(_) => return Some((up, server)),
+                Err(e) => log::warn!(
+                    "resource {}: origin {server}: sending the upgrade: {e}",
+                    res.name
+                ),
+            },
+            Err(e) => log::warn!("resource {}: origin {server}: {e}", res.name),
+        }
+    }
+    None
+}
+
+/// The origin's final answer to the upgrade, read within the handshake timeout; interim
+/// 1xx answers (103 Early Hints, a 100 Continue) are forwarded on the way, as RFC 9110
+/// §15.2 asks of a proxy. `Err` is a failure of the client's side; `Ok(Err)` the edge's
+/// answer for an origin that failed.
+async fn read_answer(
+    session: &mut Session,
+    up: &mut OriginSession,
+    res: &Resource,
+    server: SocketAddr,
+) -> pingora::Result<Result<Box<ResponseHeader>, Answer>> {
+    let deadline = tokio::time::Instant::now() + res.websocket.handshake_timeout;
+    loop {
+        let resp = match timeout_at(deadline, up.read_resp_header_parts()).await {
+            Err(_) => return Ok(Err(Answer::OriginTimeout)),
+            Ok(Err(e)) => {
+                log::warn!(
+                    "resource {}: origin {server}: reading the upgrade answer: {e}",
+                    res.name
+                );
+                return Ok(Err(Answer::OriginUnreachable));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        if !resp.status.is_informational() || resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Ok(resp));
+        }
+        match timeout_at(deadline, session.write_response_header(resp, false)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Err(Answer::OriginTimeout)),
+        }
+    }
+}
+
+/// Passes an origin's non-101 answer (header and body) to the client unchanged. Each read
+/// from the origin must come within `limit` (an origin that answers and goes silent is not
+/// waited for), and so must each write to the client.
+async fn pass_answer(
+    session: &mut Session,
+    up: &mut OriginSession,
+    resp: Box<ResponseHeader>,
+    limit: Duration,
+) -> pingora::Result<()> {
+    session.set_keepalive(None);
+    session.set_write_timeout(Some(limit));
+    up.read_timeout = Some(limit);
+    session.write_response_header(resp, false).await?;
+    loop {
+        match up.read_body_bytes().await {
+            Ok(Some(b)) => session.write_response_body(Some(b), false).await?,
+            Ok(None) => break,
+            Err(e) => {
+                log::warn!("origin answer body cut short: {e}");
+                // The client must not take a cut body for a whole one.
+                return Err(e);
+            }
+        }
+    }
+    session.write_response_body(None, true).await
+}
+
+/// A session to one origin server. Plain TCP origins are connected here (a socket,
+/// `TCP_NODELAY`, the resource's connect timeout) as a [`BareTcp`], which the tunnel
+/// keeps after a 101; TLS origins go through Pingora's connector
+/// (verification, SNI, CA).
+async fn connect(
+    res: &Resource,
+    server: SocketAddr,
+    info: &TunnelInfo,
+    connector: &Connector,
+) -> Result<OriginSession, String> {
+    if origin::uses_tls(res.origin.protocol, info.tls) {
+        let peer = origin::peer(res, server, info.tls, &info.host);
+        return match connector.get_http_session(&peer).await {
+            Ok((up, _reused)) => Ok(up),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let limit = res.origin.connect_timeout;
+    let tcp = match timeout(limit, TcpStream::connect(server)).await {
+        Err(_) => return Err(format!("connect timed out after {limit:?}")),
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Ok(Ok(tcp)) => tcp,
+    };
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    Ok(OriginSession::new(Box::new(BareTcp::new(tcp))))
+}

@@ -1,0 +1,214 @@
+//! A tunnel's accounting: bytes, messages and the first Close frame of each direction,
+//! counted into the resource's metrics as they pass ([`Counters`]), and the tunnel's guard,
+//! whose `Drop` records how it ended (metrics and the access line), however it ends.
+
+use super::frames::FrameReader;
+use crate::observe::access_log::{AccessLog, JsonLine};
+use crate::observe::labels::CloseReason;
+use crate::observe::metrics::ResourceStats;
+use crate::policy::limits::Slot;
+use prometheus::IntCounter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// Who and what a tunnel is for, for its log line.
+#[derive(Debug, Clone)]
+pub struct TunnelInfo {
+    /// The resource's name.
+    pub resource: String,
+    /// The client's address.
+    pub client: String,
+    /// The Host the client asked for, without port.
+    pub host: String,
+    /// The request path (and query) sent to the origin.
+    pub path: String,
+    /// The client's IP (the key of sticky balancing).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// Whether the client came over TLS.
+    pub tls: bool,
+    /// Whether the client's socket may leave Pingora's stream wrapper once the tunnel is
+    /// open (the listener has no read buffer that could hold bytes).
+    pub detachable: bool,
+}
+
+/// Where a tunnel reports: the resource's counters, the access log, and whether per-chunk
+/// metrics are on.
+pub struct Reporting {
+    /// The resource's counters.
+    pub site: Arc<ResourceStats>,
+    /// The access log.
+    pub log: Arc<AccessLog>,
+    /// Count bytes and messages into metrics as they pass (and parse frame headers).
+    pub metrics: bool,
+}
+
+/// One direction's accounting.
+#[derive(Default)]
+struct Direction {
+    bytes: u64,
+    messages: u64,
+    frames: FrameReader,
+    /// When this direction's first Close frame passed, if one did.
+    close_at: Option<Instant>,
+}
+
+impl Direction {
+    /// Accounts for a chunk; per chunk this is a walk over the frame headers in it (the
+    /// close reason and code come from them, metrics or not) and, with metrics on, two
+    /// atomic adds.
+    fn pass(&mut self, chunk: &[u8], counters: &Counters<'_>) {
+        self.bytes += chunk.len() as u64;
+        let seen = self.frames.feed(chunk);
+        self.messages += u64::from(seen.messages);
+        if seen.close && self.close_at.is_none() {
+            self.close_at = Some(Instant::now());
+        }
+        if counters.metrics {
+            counters.bytes.inc_by(chunk.len() as u64);
+            if seen.messages > 0 {
+                counters.messages.inc_by(u64::from(seen.messages));
+            }
+        }
+    }
+}
+
+/// An open tunnel's accounting. Its `Drop` records the close, so a tunnel is counted and
+/// logged however it ends, including when the runtime is dropped at shutdown with the
+/// tunnel still open (then the reason is `shutdown`).
+pub(crate) struct TunnelGuard {
+    info: TunnelInfo,
+    report: Reporting,
+    /// The tunnel's slot (`max_connections`, `max_connections_per_ip`), freed with it.
+    _slot: Slot,
+    server: SocketAddr,
+    opened_at: SystemTime,
+    started: Instant,
+    c2o: Direction,
+    o2c: Direction,
+    reason: Option<CloseReason>,
+}
+
+impl TunnelGuard {
+    pub(crate) fn new(
+        info: TunnelInfo,
+        report: Reporting,
+        slot: Slot,
+        server: SocketAddr,
+    ) -> TunnelGuard {
+        report.site.tunnel_opened();
+        TunnelGuard {
+            info,
+            report,
+            _slot: slot,
+            server,
+            opened_at: SystemTime::now(),
+            started: Instant::now(),
+            c2o: Direction::default(),
+            o2c: Direction::default(),
+            reason: None,
+        }
+    }
+
+    /// Accounts for a chunk from the client.
+    pub(crate) fn client_to_origin(&mut self, chunk: &[u8]) {
+        let counters = Counters::c2o(&self.report.site, self.report.metrics);
+        self.c2o.pass(chunk, &counters);
+    }
+
+    /// Accounts for a chunk from the origin.
+    pub(crate) fn origin_to_client(&mut self, chunk: &[u8]) {
+        let counters = Counters::o2c(&self.report.site, self.report.metrics);
+        self.o2c.pass(chunk, &counters);
+    }
+
+    /// The relay is over, the transport said why: the tunnel's reason is settled.
+    pub(crate) fn finish(&mut self, transport: CloseReason) {
+        self.reason = Some(self.close_reason(transport));
+    }
+
+    /// "Closed by" is who sent the first Close frame (RFC 6455 §7.1.1: after a client's
+    /// Close it is the origin that ends TCP); without Close frames, who ended TCP.
+    fn close_reason(&self, transport: CloseReason) -> CloseReason {
+        if matches!(
+            transport,
+            CloseReason::IdleTimeout | CloseReason::Shutdown | CloseReason::MaxLifetime
+        ) {
+            return transport;
+        }
+        match (self.c2o.close_at, self.o2c.close_at) {
+            (Some(c), Some(o)) if o < c => CloseReason::OriginClosed,
+            (Some(_), _) => CloseReason::ClientClosed,
+            (None, Some(_)) => CloseReason::OriginClosed,
+            (None, None) => transport,
+        }
+    }
+
+    /// The close code of the first Close frame, whichever side sent it.
+    fn close_code(&self) -> Option<u16> {
+        match (self.c2o.close_at, self.o2c.close_at) {
+            (Some(c), Some(o)) if o < c => self.o2c.frames.close_code,
+            (Some(_), _) => self.c2o.frames.close_code,
+            (None, Some(_)) => self.o2c.frames.close_code,
+            (None, None) => None,
+        }
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        let reason = self.reason.unwrap_or(CloseReason::Shutdown);
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.report.site.tunnel_closed(reason, seconds);
+        if !self.report.metrics {
+            // Bytes were not added chunk by chunk: add them now.
+            self.report.site.bytes_c2o.inc_by(self.c2o.bytes);
+            self.report.site.bytes_o2c.inc_by(self.o2c.bytes);
+        }
+        if !self.report.log.enabled() {
+            return;
+        }
+        let line = JsonLine::new(self.opened_at)
+            .str("kind", "tunnel")
+            .str("resource", &self.info.resource)
+            .str("client", &self.info.client)
+            .str("host", &self.info.host)
+            .str("path", &self.info.path)
+            .num("status", 101)
+            .num("bytes_client_to_origin", self.c2o.bytes)
+            .num("bytes_origin_to_client", self.o2c.bytes)
+            .num("messages_client_to_origin", self.c2o.messages)
+            .num("messages_origin_to_client", self.o2c.messages)
+            .num("duration_ms", self.started.elapsed().as_millis())
+            .str("close_reason", reason.as_str())
+            .opt("close_code", self.close_code())
+            .str("origin", &self.server.to_string())
+            .finish();
+        self.report.log.write(line);
+    }
+}
+
+/// Counters one direction reports into.
+struct Counters<'a> {
+    metrics: bool,
+    bytes: &'a IntCounter,
+    messages: &'a IntCounter,
+}
+
+impl<'a> Counters<'a> {
+    fn c2o(site: &'a ResourceStats, metrics: bool) -> Counters<'a> {
+        Counters {
+            metrics,
+            bytes: &site.bytes_c2o,
+            messages: &site.messages_c2o,
+        }
+    }
+
+    fn o2c(site: &'a ResourceStats, metrics: bool) -> Counters<'a> {
+        Counters {
+            metrics,
+            bytes: &site.bytes_o2c,
+            messages: &site.messages_o2c,
+        }
+    }
+}
