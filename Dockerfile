@@ -8,6 +8,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY examples ./examples
+COPY tools ./tools
 RUN cargo build --locked --release --bin wsedge && strip target/release/wsedge
 
 FROM debian:bookworm-slim

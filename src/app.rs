@@ -202,15 +202,14 @@ impl Edge {
         // relay all read into buffers of their own), so it would only cost memory.
         let l4 = L4BufferSettings::default().read(0);
         let listener = |addr: &SocketAddr| ListenerConfig::tcp(addr.to_string()).l4_buffer(l4);
-        let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
+        let service = |name: &str, app, addrs: &[SocketAddr]| {
+            let mut service = Service::new(name.to_string(), app);
+            addrs.iter().for_each(|a| service.add_listener(listener(a)));
+            Box::new(service) as Box<dyn ServiceWithDependents>
+        };
+        let mut services = Vec::new();
         if !config.listen.http.is_empty() {
-            let mut service = Service::new("wsedge".into(), guard());
-            config
-                .listen
-                .http
-                .iter()
-                .for_each(|a| service.add_listener(listener(a)));
-            services.push(Box::new(service));
+            services.push(service("wsedge", guard(), &config.listen.http));
         }
         if !config.listen.https.is_empty() {
             let mut settings =
@@ -223,13 +222,8 @@ impl Edge {
             // browsers open WebSockets on a connection of their own, offering http/1.1.
             settings.enable_h2();
             let acceptor = Arc::new(settings.build());
-            let mut service = Service::new("wsedge tls".into(), guard().with_tls(acceptor));
-            config
-                .listen
-                .https
-                .iter()
-                .for_each(|a| service.add_listener(listener(a)));
-            services.push(Box::new(service));
+            let app = guard().with_tls(acceptor);
+            services.push(service("wsedge tls", app, &config.listen.https));
         }
         self.services.extend(services);
         Ok(())

@@ -2,6 +2,8 @@
 //! `unsafe` kept here: the open-file limit, socket timeouts on a tunnel's sockets, and a
 //! socket's descriptor duplicated for the relay.
 
+#![allow(unsafe_code)]
+
 use pingora::protocols::IO;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;

@@ -153,29 +153,40 @@ impl AsyncRead for ClientConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        match this.framing {
+        self.get_mut().poll_framed(cx, buf)
+    }
+}
+
+impl ClientConn {
+    /// A read as the framing allows: all of it (HTTP/2), the rest of the body, or nothing
+    /// but the news of the client going away (the request is over).
+    fn poll_framed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.framing {
             Framing::Passthrough => {
-                if !this.stash.is_empty() {
-                    this.take_stash(buf, usize::MAX);
+                if !self.stash.is_empty() {
+                    self.take_stash(buf, usize::MAX);
                     return Poll::Ready(Ok(()));
                 }
-                Pin::new(&mut this.inner).poll_read(cx, buf)
+                Pin::new(&mut self.inner).poll_read(cx, buf)
             }
             Framing::Length(0) | Framing::Rest => {
-                this.framing = Framing::Rest;
+                self.framing = Framing::Rest;
                 // The request is complete. Pingora reads here only to notice a client
                 // that goes away during the response: report the end of the stream, but
                 // keep any bytes for the next request and give Pingora nothing.
-                if !this.stash.is_empty() {
+                if !self.stash.is_empty() {
                     return Poll::Pending;
                 }
                 let mut probe = [0u8; 4096];
                 let mut probe = ReadBuf::new(&mut probe);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut probe) {
+                match Pin::new(&mut self.inner).poll_read(cx, &mut probe) {
                     Poll::Ready(Ok(())) if probe.filled().is_empty() => Poll::Ready(Ok(())),
                     Poll::Ready(Ok(())) => {
-                        this.stash.extend_from_slice(probe.filled());
+                        self.stash.extend_from_slice(probe.filled());
                         Poll::Pending
                     }
                     other => other,
@@ -183,12 +194,12 @@ impl AsyncRead for ClientConn {
             }
             Framing::Length(left) => {
                 let limit = usize::try_from(left).unwrap_or(usize::MAX);
-                let n = if !this.stash.is_empty() {
-                    this.take_stash(buf, limit)
+                let n = if !self.stash.is_empty() {
+                    self.take_stash(buf, limit)
                 } else if buf.remaining() <= limit {
                     // Cannot read past the body: straight into Pingora's buffer.
                     let before = buf.filled().len();
-                    match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                    match Pin::new(&mut self.inner).poll_read(cx, buf) {
                         Poll::Ready(Ok(())) => {}
                         other => return other,
                     }
@@ -197,33 +208,33 @@ impl AsyncRead for ClientConn {
                     let mut small = [0u8; 8192];
                     let len = small.len().min(limit);
                     let mut part = ReadBuf::new(&mut small[..len]);
-                    match Pin::new(&mut this.inner).poll_read(cx, &mut part) {
+                    match Pin::new(&mut self.inner).poll_read(cx, &mut part) {
                         Poll::Ready(Ok(())) => {}
                         other => return other,
                     }
                     buf.put_slice(part.filled());
                     part.filled().len()
                 };
-                this.framing = Framing::Length(left - n as u64);
+                self.framing = Framing::Length(left - n as u64);
                 Poll::Ready(Ok(()))
             }
             Framing::Chunked(mut chunks) => {
                 let before = buf.filled().len();
-                if !this.stash.is_empty() {
+                if !self.stash.is_empty() {
                     // Hand out at most the rest of the body from the stash.
-                    let end = chunks.feed_peek(&this.stash).map_err(|_| bad_chunk())?;
-                    let limit = end.unwrap_or(this.stash.len());
-                    let n = this.take_stash(buf, limit);
+                    let end = chunks.feed_peek(&self.stash).map_err(|_| bad_chunk())?;
+                    let limit = end.unwrap_or(self.stash.len());
+                    let n = self.take_stash(buf, limit);
                     let done = chunks
                         .feed(&buf.filled()[before..before + n])
                         .map_err(|_| bad_chunk())?;
-                    this.framing = match done {
+                    self.framing = match done {
                         Some(_) => Framing::Rest,
                         None => Framing::Chunked(chunks),
                     };
                     return Poll::Ready(Ok(()));
                 }
-                match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                match Pin::new(&mut self.inner).poll_read(cx, buf) {
                     Poll::Ready(Ok(())) => {}
                     other => return other,
                 }
@@ -231,11 +242,11 @@ impl AsyncRead for ClientConn {
                 match chunks.feed(read).map_err(|_| bad_chunk())? {
                     Some(end) => {
                         // What follows the body is the next request: keep it.
-                        this.stash.extend_from_slice(&read[end..]);
+                        self.stash.extend_from_slice(&read[end..]);
                         buf.set_filled(before + end);
-                        this.framing = Framing::Rest;
+                        self.framing = Framing::Rest;
                     }
-                    None => this.framing = Framing::Chunked(chunks),
+                    None => self.framing = Framing::Chunked(chunks),
                 }
                 Poll::Ready(Ok(()))
             }

@@ -335,11 +335,11 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::super::tally::{Reporting, TunnelInfo};
     use super::*;
     use crate::observe::access_log::AccessLog;
     use crate::observe::metrics::EdgeStats;
     use crate::policy::limits::{ResourceLimits, Slot};
+    use crate::tunnel::tally::{Reporting, TunnelInfo};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 

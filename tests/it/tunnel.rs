@@ -1,8 +1,7 @@
 //! Messages through a real wsedge to a real origin: every kind and size arrives
 //! byte-identical and in order.
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};

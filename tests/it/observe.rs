@@ -2,8 +2,7 @@
 //! agree with each other and with the exact bytes the clients saw, and each close reason
 //! comes from its real cause.
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -258,13 +257,8 @@ resources:
         3.0
     );
 
-    // /stats folds the same counters in once a second.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, stats) = edge
-        .admin_request("GET", "/stats?resource=obs&granularity=5m")
-        .await;
-    assert_eq!(status, 200, "{stats}");
-    let total = |key: &str| -> usize {
+    // /stats folds the same counters in once a second: ask until the ticker has.
+    let total = |stats: &str, key: &str| -> usize {
         stats
             .split(&format!("\"{key}\":"))
             .skip(1)
@@ -277,6 +271,27 @@ resources:
             })
             .sum()
     };
+    let deadline = std::time::Instant::now() + STEP;
+    let stats = loop {
+        let (status, stats) = edge
+            .admin_request("GET", "/stats?resource=obs&granularity=5m")
+            .await;
+        assert_eq!(status, 200, "{stats}");
+        let folded = [
+            ("bytes_client_to_origin", c2o),
+            ("bytes_origin_to_client", o2c),
+            ("tunnels_opened", tunnels),
+            ("403", 2),
+            ("426", 3),
+        ]
+        .iter()
+        .all(|(key, want)| total(&stats, key) == *want);
+        if folded || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let total = |key: &str| total(&stats, key);
     assert_eq!(total("bytes_client_to_origin"), c2o, "{stats}");
     assert_eq!(total("bytes_origin_to_client"), o2c, "{stats}");
     assert_eq!(total("tunnels_opened"), tunnels, "{stats}");

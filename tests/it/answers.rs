@@ -1,8 +1,7 @@
 //! Every answer the edge gives by itself (the answers table of README.md and docs/design.md): status,
 //! headers, and that the origin saw no connection for a rejected request.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 fn two_resources(origin: std::net::SocketAddr) -> String {
@@ -131,11 +130,8 @@ async fn allowed_upgrades_on_allowed_paths_reach_the_origin() {
 
 #[tokio::test]
 async fn unreachable_origin_is_502_after_trying_every_server_quickly() {
-    // Nothing in these tests listens outside 127.0.0.1, so these refuse at once.
-    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
-        "127.0.0.2:9".parse().unwrap(),
-        "127.0.0.3:9".parse().unwrap(),
-    );
+    // Ports bound and closed again: they refuse at once.
+    let (a, b) = (closed_port("127.0.0.2"), closed_port("127.0.0.3"));
     let yaml = format!(
         r#"
 listen: {{ http: ["127.0.0.1:0"] }}
@@ -167,7 +163,7 @@ resources:
 
 #[tokio::test]
 async fn second_server_serves_when_the_first_refuses() {
-    let dead: std::net::SocketAddr = "127.0.0.2:9".parse().unwrap();
+    let dead = closed_port("127.0.0.2");
     let origin = Origin::start(Mode::Echo).await;
     let yaml = format!(
         r#"

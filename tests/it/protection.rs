@@ -1,8 +1,7 @@
 //! Protection: allowed origins, connection caps, handshake rates, lifetimes, and hostile
 //! HTTP, against a real wsedge; rejected requests never reach the origin.
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -393,5 +392,41 @@ async fn five_hundred_slowloris_connections_do_not_starve_another_resource() {
         origin.count(),
         200,
         "only the 200 real handshakes reached the origin"
+    );
+}
+
+/// The header guard reads every request of a connection itself; the limit on requests per
+/// connection (Pingora's `keepalive_request_limit`, `client.max_requests_per_connection`)
+/// still ends the connection after the last one.
+#[tokio::test]
+async fn a_connection_carries_at_most_max_requests_per_connection() {
+    let origin = Origin::start(Mode::Status(200)).await;
+    let edge = Edge::start(&format!(
+        "client: {{ max_requests_per_connection: 2 }}\n{}",
+        one_resource(origin.addr, "")
+    ));
+    let mut s = within("connect", tokio::net::TcpStream::connect(edge.addr))
+        .await
+        .unwrap();
+    let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut answers = String::new();
+    for _ in 0..2 {
+        within("send", s.write_all(get)).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = within("answer", s.read(&mut buf)).await.unwrap();
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    // After the second, the connection ends: a third request gets nothing.
+    let _ = s.write_all(get).await;
+    let mut buf = [0u8; 64];
+    let n = within("the end of the connection", s.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(
+        n,
+        0,
+        "a third answer: {}",
+        String::from_utf8_lossy(&buf[..n])
     );
 }

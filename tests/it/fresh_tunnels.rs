@@ -3,8 +3,7 @@
 //! The origin answers the upgrade at once, the order that made Pingora 0.9.1's relay tear
 //! tunnels down; wsedge relays the upgraded connection itself, so no order can.
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,7 @@
 //! Origin protocols: https with SNI and verification against a CA made at test time,
 //! `verify_tls: false` only when asked, and `follow` using the client's scheme.
 
-mod common;
-use common::*;
+use crate::common::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]

@@ -1,8 +1,7 @@
 //! The demo of the README's first command: wsedge with `conf/demo.yaml` and the built-in
 //! origin serves the page through the edge, and a WebSocket client gets echoes.
 
-mod common;
-use common::*;
+use crate::common::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]

@@ -3,8 +3,7 @@
 //! `WSEDGE_BIN=/path/to/old/wsedge cargo test --test hardening`). Real wsedge, real clients
 //! and origins on loopback.
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -1082,6 +1081,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_logged() {
 // 20 -------------------------------------------------------------------------------------
 
 /// `TCP_USER_TIMEOUT` of the socket of process `pid` whose peer or local address is `addr`.
+#[allow(unsafe_code)]
 fn user_timeout_of(pid: u32, addr: SocketAddr, peer: bool) -> Option<u32> {
     // SAFETY (all below): plain syscalls on descriptors this function owns or checks.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;

@@ -1,7 +1,7 @@
 //! `wsedge -t`: a good file exits 0; each kind of mistake exits 1 with a message that names
 //! the file, the line, the key and the resource.
 
-mod common;
+use crate::common;
 use std::process::Command;
 
 fn check(yaml: &str) -> (bool, String, String) {

@@ -2,8 +2,7 @@
 //! http and https origins, unknown SNI refused, Host/SNI mismatch 421, ALPN, and broken
 //! key files caught at load.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_tungstenite::tungstenite::Message;

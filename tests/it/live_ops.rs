@@ -1,8 +1,7 @@
 //! Live operations: reloads that never cut tunnels, SIGTERM with a grace period, and the
 //! zero-downtime upgrade (`-u` + SIGQUIT).
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -321,6 +320,8 @@ async fn graceful_upgrade_refuses_no_connection_and_keeps_old_tunnels() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // No event says the new process is ready for the sockets once its upgrade socket
+    // exists (it listens, then waits in accept): a moment's head start, a race guard.
     tokio::time::sleep(Duration::from_millis(200)).await;
     old.signal("QUIT");
     let new = within("the new process takes over", new).await.unwrap();
@@ -381,4 +382,91 @@ async fn reload_turning_websocket_off_refuses_new_upgrades_but_open_tunnels_carr
         echo_once(&mut open, Message::text("after")).await,
         Message::text("after")
     );
+}
+
+/// A reload reads files (and resolves names): one that blocks (here a FIFO nobody writes,
+/// as a stuck network file system would) must not take the admin listener with it.
+#[tokio::test]
+async fn a_reload_stuck_on_a_file_does_not_stall_the_admin_listener() {
+    let origin = Origin::start(Mode::Echo).await;
+    let edge = Edge::start(&format!(
+        "pingora: {{ threads: 1 }}\n{}",
+        one_resource(origin.addr, "")
+    ));
+    let fifo = edge.dir.join("ca.pem");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let file = edge.dir.join("wsedge.yaml");
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "      servers:",
+        &format!("      ca_file: \"{}\"\n      servers:", fifo.display()),
+    );
+    std::fs::write(&file, text).unwrap();
+    let (admin, host) = (edge.admin, format!("Host: {}\r\n", edge.admin));
+    let stuck = tokio::spawn(async move {
+        let req = format!(
+            "POST /reload HTTP/1.1\r\n{host}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tokio::time::timeout(Duration::from_secs(30), raw_request(admin, &req)).await
+    });
+    // The reload is waiting on the file; the admin listener answers meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = edge.admin_request("GET", "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    // The file turns up (not a certificate): the reload ends, refused.
+    std::fs::write(&fifo, "not a certificate\n").unwrap();
+    let answer = within("the stuck reload ends", stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status(&answer), 422, "{answer}");
+}
+
+/// With http and https both on 127.0.0.1 port 0, each readiness line names the listener
+/// of its scheme (the two bound sockets cannot be told apart afterwards, so they get their
+/// ports before binding).
+#[tokio::test]
+async fn the_readiness_lines_name_port_0_listeners_on_one_ip_by_their_scheme() {
+    let pki = Pki::new("ready-labels");
+    let cert = pki.issue("site", &["localhost"]);
+    let origin = Origin::start(Mode::Status(200)).await;
+    for _ in 0..3 {
+        let edge = Edge::start(&format!(
+            r#"
+listen:
+  http: ["127.0.0.1:0"]
+  https: ["127.0.0.1:0"]
+resources:
+  - name: site
+    hostnames: ["localhost"]
+    origin: {{ servers: [{{ address: "{}" }}] }}
+    tls: {{ certificate: "{}", private_key: "{}" }}
+"#,
+            origin.addr,
+            cert.cert.display(),
+            cert.key.display()
+        ));
+        let https = edge.https.unwrap();
+        assert_ne!(https, edge.addr);
+        let plain = raw_request(
+            edge.addr,
+            "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            status(&plain),
+            200,
+            "the http line names a plain listener: {plain}"
+        );
+        let tcp = within("connect", tokio::net::TcpStream::connect(https))
+            .await
+            .unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = within("tls", pki.connector(&[]).connect(name, tcp)).await;
+        assert!(tls.is_ok(), "the https line names a TLS listener: {tls:?}");
+    }
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }

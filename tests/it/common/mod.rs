@@ -1,0 +1,15 @@
+//! Test harness: a real wsedge process on loopback ([`edge`]), real origins in-process
+//! ([`origin`]), real clients and raw HTTP ([`wire`]), a CA made at test time ([`pki`]).
+//! Ports are 0 everywhere; readiness is the `listening on` line wsedge prints. Every wait
+//! is under a timeout.
+#![allow(dead_code)]
+
+pub mod edge;
+pub mod origin;
+pub mod pki;
+pub mod wire;
+
+pub use edge::*;
+pub use origin::*;
+pub use pki::*;
+pub use wire::*;

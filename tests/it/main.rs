@@ -1,0 +1,21 @@
+//! The integration suite, one binary: a real wsedge process, real clients and origins on
+//! loopback, one module per feature (linked once, which matters on a two-core builder).
+//! `WSEDGE_BIN=/path/to/wsedge cargo test --test it` runs it against another build.
+
+mod common;
+
+mod answers;
+mod config;
+mod demo;
+mod fresh_tunnels;
+mod handshake_props;
+mod hardening;
+mod idle;
+mod layers;
+mod live_ops;
+mod observe;
+mod origin_groups;
+mod origin_tls;
+mod protection;
+mod tls;
+mod tunnel;
