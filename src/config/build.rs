@@ -4,10 +4,12 @@
 //! and column with the resource and key named and a way to fix it.
 
 use super::errors::{from_serde, locate, ConfigError};
-use super::file::{FileConfig, ResourceFile, ResourceType, TlsFile, WebSocketFile};
+use super::file::{
+    FileConfig, RateFile, ResourceFile, ResourceType, Switch, TlsFile, WebSocketFile,
+};
 use super::{
-    AccessLogTarget, Admin, Certificate, ClientLimits, Config, HandshakeRate, HealthCheck, Listen,
-    Origin, OriginCa, Resource, Server, WebSocket,
+    AccessLogTarget, Admin, Certificate, ClientLimits, Config, HealthCheck, Heartbeat, Listen,
+    Origin, OriginCa, Rate, Resource, Server, WebSocket,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -373,14 +375,36 @@ fn websocket(w: &WebSocketFile, kind: ResourceType) -> WebSocket {
             .collect(),
         max_connections: w.max_connections,
         max_connections_per_ip: w.max_connections_per_ip.map(|n| n.0 as u32),
-        handshake_rate: w.handshake_rate.as_ref().map(|r| HandshakeRate {
-            per_second: r.rate.0,
-            // Default burst: one second's worth, at least 1.
-            burst: r
-                .burst
-                .map_or((r.rate.0.ceil() as u32).max(1), |b| b.0 as u32),
-        }),
+        handshake_rate: w.handshake_rate.as_ref().map(rate),
         max_lifetime: w.max_lifetime.as_ref().map(|t| t.0),
+        heartbeat: w
+            .heartbeat
+            .as_ref()
+            .and_then(Switch::on)
+            .map(|h| Heartbeat {
+                interval: h.interval.0,
+                timeout: h
+                    .timeout
+                    .as_ref()
+                    .map_or(super::DEFAULT_HEARTBEAT_TIMEOUT, |t| t.0),
+                origin: h.origin.unwrap_or(false),
+            }),
+        max_message_size: w
+            .max_message_size
+            .as_ref()
+            .and_then(Switch::on)
+            .map(|b| b.0),
+        message_rate: w.message_rate.as_ref().and_then(Switch::on).map(rate),
+    }
+}
+
+fn rate(r: &RateFile) -> Rate {
+    Rate {
+        per_second: r.rate.0,
+        // Default burst: one second's worth, at least 1.
+        burst: r
+            .burst
+            .map_or((r.rate.0.ceil() as u32).max(1), |b| b.0 as u32),
     }
 }
 

@@ -213,6 +213,9 @@ pub struct WebSocketFile {
     pub max_connections_per_ip: Option<Ranged<1, 4_294_967_295>>,
     pub handshake_rate: Option<RateFile>,
     pub max_lifetime: Option<DurationStr>,
+    pub heartbeat: Option<Switch<HeartbeatFile>>,
+    pub max_message_size: Option<Switch<ByteSize>>,
+    pub message_rate: Option<Switch<RateFile>>,
 }
 
 impl WebSocketFile {
@@ -230,16 +233,178 @@ impl WebSocketFile {
             max_connections_per_ip: w.max_connections_per_ip.or(d.max_connections_per_ip),
             handshake_rate: w.handshake_rate.or(d.handshake_rate),
             max_lifetime: w.max_lifetime.or(d.max_lifetime),
+            heartbeat: w.heartbeat.or(d.heartbeat),
+            max_message_size: w.max_message_size.or(d.max_message_size),
+            message_rate: w.message_rate.or(d.message_rate),
         }
     }
 }
 
-/// `handshake_rate: { rate: 20/s, burst: 40 }`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `handshake_rate: { rate: 20/s, burst: 40 }`, or `20/s` for a burst of one second's worth.
+#[derive(Debug, Clone)]
 pub struct RateFile {
     pub rate: PerSecond,
     pub burst: Option<Ranged<1, 1_000_000>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateMap {
+    rate: PerSecond,
+    burst: Option<Ranged<1, 1_000_000>>,
+}
+
+impl<'de> Deserialize<'de> for RateFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = RateFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a rate like 20/s, or { rate: 20/s, burst: 40 }")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RateFile, E> {
+                let rate = parse_rate(s).map_err(E::custom)?;
+                Ok(RateFile {
+                    rate: PerSecond(rate),
+                    burst: None,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RateFile, A::Error> {
+                let m = RateMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RateFile {
+                    rate: m.rate,
+                    burst: m.burst,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// `heartbeat: { interval: 30s, timeout: 10s, origin: false }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatFile {
+    pub interval: HeartbeatDuration,
+    pub timeout: Option<HeartbeatDuration>,
+    pub origin: Option<bool>,
+}
+
+/// A setting that a resource can also switch off (`off` or `false`), for when `defaults`
+/// switched it on.
+#[derive(Debug, Clone)]
+pub enum Switch<T> {
+    Off,
+    On(T),
+}
+
+impl<T> Switch<T> {
+    pub fn on(&self) -> Option<&T> {
+        match self {
+            Switch::Off => None,
+            Switch::On(t) => Some(t),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Switch<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visit<T> {
+            type Value = Switch<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a setting, or off")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Switch<T>, E> {
+                match v {
+                    false => Ok(Switch::Off),
+                    true => Err(E::custom(
+                        "\"true\" is not a setting: write the setting itself, or off",
+                    )),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Switch<T>, E> {
+                if s == "off" {
+                    return Ok(Switch::Off);
+                }
+                T::deserialize(de::value::StrDeserializer::<E>::new(s)).map(Switch::On)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Switch<T>, E> {
+                T::deserialize(de::value::U64Deserializer::<E>::new(v)).map(Switch::On)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Switch<T>, E> {
+                T::deserialize(de::value::I64Deserializer::<E>::new(v)).map(Switch::On)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Switch<T>, E> {
+                T::deserialize(de::value::F64Deserializer::<E>::new(v)).map(Switch::On)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Switch<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Switch::On)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Switch<T>, A::Error> {
+                T::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Switch::On)
+            }
+        }
+        d.deserialize_any(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A size in bytes: `1048576`, `64KiB`, `1MiB`, `1GiB`, or nginx's `64k`, `1m`, `1g`
+/// (also powers of 1024), from 1 byte to 1 TiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl de::Visitor<'_> for Visit {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size like 1MiB, 64KiB or 1048576")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                parse_size(&v.to_string()).map(ByteSize).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                parse_size(&v.to_string()).map(ByteSize).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                parse_size(s).map(ByteSize).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// The largest size the file may give.
+pub const MAX_SIZE: u64 = 1 << 40;
+
+/// Parses a size in bytes (see [`ByteSize`]).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let help = "write a whole number of bytes, optionally followed by KiB, MiB or GiB, like 1MiB, 64KiB or 1048576";
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size \"{s}\": {help}"))?;
+    let per: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "k" | "K" => 1 << 10,
+        "MiB" | "m" | "M" => 1 << 20,
+        "GiB" | "g" | "G" => 1 << 30,
+        "KB" | "MB" | "GB" | "kB" => {
+            return Err(format!(
+                "invalid size \"{s}\": {unit} is ambiguous (1000 or 1024?); write KiB, MiB or GiB"
+            ))
+        }
+        _ => return Err(format!("invalid size \"{s}\": {help}")),
+    };
+    match n.checked_mul(per) {
+        Some(0) => Err(format!("size \"{s}\" is zero: {help}")),
+        Some(b) if b <= MAX_SIZE => Ok(b),
+        _ => Err(format!("size \"{s}\" is too large: at most 1024GiB")),
+    }
 }
 
 /// Limits on what clients send before a request is known.
@@ -354,6 +519,24 @@ parsed_string!(
     /// A rate like `20/s` or `600/m`, in events per second.
     PerSecond(f64) = parse_rate
 );
+
+/// The shortest heartbeat interval or timeout the file may give.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
+parsed_string!(
+    /// A heartbeat interval or timeout: a duration of at least 100ms.
+    HeartbeatDuration(Duration) = parse_heartbeat
+);
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_HEARTBEAT {
+        return Err(format!(
+            "duration \"{s}\" is too short for a heartbeat: at least 100ms (every ping costs the client a wake-up)"
+        ));
+    }
+    Ok(d)
+}
 
 fn parse_origin(s: &str) -> Result<String, String> {
     let o = s.to_ascii_lowercase();
@@ -512,6 +695,32 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad} should fail");
         }
         assert_eq!(parse_duration("8784h").unwrap(), MAX_DURATION);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1m").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1024GiB").unwrap(), MAX_SIZE);
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "1MB",
+            "1.5MiB",
+            "-1",
+            "MiB",
+            "1 TiB",
+            "1025GiB",
+            "99999999999999999999",
+            "18446744073709551615GiB",
+            "1MiBMiB",
+            "%31MiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad} should fail");
+        }
     }
 
     #[test]

@@ -170,19 +170,39 @@ pub struct WebSocket {
     /// `client.ipv6_prefix` bits) on this edge, at most.
     pub max_connections_per_ip: Option<u32>,
     /// Handshakes per client IP.
-    pub handshake_rate: Option<HandshakeRate>,
+    pub handshake_rate: Option<Rate>,
     /// A tunnel older than this is closed.
     pub max_lifetime: Option<Duration>,
+    /// The edge's own pings toward a quiet client (and origin).
+    pub heartbeat: Option<Heartbeat>,
+    /// A data message larger than this (all its fragments, as on the wire) ends the tunnel.
+    pub max_message_size: Option<u64>,
+    /// Messages from the client per second, over a tunnel; more ends it.
+    pub message_rate: Option<Rate>,
 }
 
 /// A token bucket: `per_second` refill, `burst` capacity.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HandshakeRate {
+pub struct Rate {
     /// Tokens added per second.
     pub per_second: f64,
-    /// Bucket size: handshakes allowed at once.
+    /// Bucket size: events allowed at once.
     pub burst: u32,
 }
+
+/// The edge's heartbeat on a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// A Ping goes to a client that sent nothing for this long.
+    pub interval: Duration,
+    /// No Pong (and no other byte) for this long after the Ping ends the tunnel.
+    pub timeout: Duration,
+    /// The origin gets the same (masked pings).
+    pub origin: bool,
+}
+
+/// The heartbeat timeout when only the interval is given.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits on what clients send before their request is known.
 #[derive(Debug, Clone, Copy)]

@@ -17,18 +17,41 @@ pub enum CloseReason {
     Shutdown,
     /// The tunnel reached the resource's `max_lifetime`.
     MaxLifetime,
+    /// The client answered no heartbeat Ping in time.
+    HeartbeatTimeout,
+    /// The origin answered no heartbeat Ping in time (`heartbeat.origin`).
+    OriginHeartbeatTimeout,
+    /// A data message over `max_message_size`, from either side.
+    MessageTooBig,
+    /// The client sent messages over `message_rate`.
+    MessageRate,
+    /// Under message limits, a side sent bytes that are not WebSocket frames.
+    ProtocolError,
 }
 
 impl CloseReason {
     /// Every reason, in the order of their discriminants.
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientClosed,
         CloseReason::OriginClosed,
         CloseReason::IdleTimeout,
         CloseReason::Error,
         CloseReason::Shutdown,
         CloseReason::MaxLifetime,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::OriginHeartbeatTimeout,
+        CloseReason::MessageTooBig,
+        CloseReason::MessageRate,
+        CloseReason::ProtocolError,
     ];
+
+    /// Whether the edge itself decided the end (a timer or a limit), rather than a side.
+    pub fn by_edge(self) -> bool {
+        !matches!(
+            self,
+            CloseReason::ClientClosed | CloseReason::OriginClosed | CloseReason::Error
+        )
+    }
 
     /// The label in metrics and logs.
     pub fn as_str(self) -> &'static str {
@@ -39,6 +62,40 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::OriginHeartbeatTimeout => "origin_heartbeat_timeout",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::MessageRate => "message_rate",
+            CloseReason::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+/// What became of one heartbeat: `wsedge_ws_heartbeats_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatResult {
+    /// The edge's Ping went out.
+    Sent,
+    /// Its Pong came back.
+    Answered,
+    /// No Pong, nor any other byte, in time: the tunnel ended.
+    Timeout,
+}
+
+impl HeartbeatResult {
+    /// Every result.
+    pub const ALL: [HeartbeatResult; 3] = [
+        HeartbeatResult::Sent,
+        HeartbeatResult::Answered,
+        HeartbeatResult::Timeout,
+    ];
+
+    /// The label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeartbeatResult::Sent => "sent",
+            HeartbeatResult::Answered => "answered",
+            HeartbeatResult::Timeout => "timeout",
         }
     }
 }
@@ -154,6 +211,10 @@ mod tests {
         let handshakes = row("wsedge_ws_handshakes_total");
         for o in HandshakeOutcome::ALL {
             assert!(handshakes.contains(&format!("`{}`", o.as_str())), "{o:?}");
+        }
+        let beats = row("wsedge_ws_heartbeats_total");
+        for r in HeartbeatResult::ALL {
+            assert!(beats.contains(&format!("`{}`", r.as_str())), "{r:?}");
         }
         let closes = row("wsedge_ws_closed_total");
         for r in CloseReason::ALL {

@@ -3,7 +3,7 @@
 //! counters it resolved when it opened (one atomic add each); everything else happens once
 //! per request, once per tunnel, or once a second ([`EdgeStats::tick`]).
 
-use super::labels::{CloseReason, HandshakeOutcome};
+use super::labels::{CloseReason, HandshakeOutcome, HeartbeatResult};
 use super::windows::{BucketView, Granularity, Sample, Windows};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -23,6 +23,7 @@ struct Families {
     bytes: IntCounterVec,
     messages: IntCounterVec,
     closed: IntCounterVec,
+    heartbeats: IntCounterVec,
     http_responses: IntCounterVec,
     reloads: IntCounterVec,
     access_log_dropped: IntCounter,
@@ -78,6 +79,11 @@ impl Families {
                 "wsedge_ws_closed_total",
                 "Tunnels closed, by reason.",
                 &["resource", "reason"],
+            )?,
+            heartbeats: counter(
+                "wsedge_ws_heartbeats_total",
+                "The edge's heartbeat pings on tunnels, by peer and result.",
+                &["resource", "peer", "result"],
             )?,
             http_responses: counter(
                 "wsedge_http_responses_total",
@@ -170,6 +176,15 @@ impl ResourceStats {
     pub fn tunnel_opened(&self) {
         self.tunnels_open.inc();
         self.handshakes_ok.inc();
+    }
+
+    /// Counts a heartbeat toward a tunnel's client (or origin).
+    pub fn heartbeat(&self, origin: bool, result: HeartbeatResult) {
+        let peer = if origin { "origin" } else { "client" };
+        self.families
+            .heartbeats
+            .with_label_values(&[self.name.as_str(), peer, result.as_str()])
+            .inc();
     }
 
     /// A tunnel closed after `seconds`.

@@ -4,7 +4,7 @@
 //! of its IPv6 address ([`client_key`]): an IPv6 client controls a whole /64 and would
 //! otherwise multiply its share by trying addresses.
 
-use crate::config::HandshakeRate;
+use crate::config::Rate;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr};
@@ -42,11 +42,11 @@ impl Default for RateTable {
 
 impl RateTable {
     /// Takes one token for `ip`; `Err` says how long until one is available.
-    pub fn try_take(&self, ip: IpAddr, rate: HandshakeRate) -> Result<(), Duration> {
+    pub fn try_take(&self, ip: IpAddr, rate: Rate) -> Result<(), Duration> {
         self.try_take_at(ip, rate, self.start.elapsed())
     }
 
-    fn try_take_at(&self, ip: IpAddr, rate: HandshakeRate, now: Duration) -> Result<(), Duration> {
+    fn try_take_at(&self, ip: IpAddr, rate: Rate, now: Duration) -> Result<(), Duration> {
         let slot = &self.slots[self.hasher.hash_one(ip) as usize % BUCKETS];
         let now_ms = now.as_millis() as u32;
         let capacity = u64::from(rate.burst.max(1)) * MILLI;
@@ -235,7 +235,7 @@ mod tests {
         let t = RateTable::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        let rate = HandshakeRate {
+        let rate = Rate {
             per_second: 10.0,
             burst: 5,
         };

@@ -9,10 +9,14 @@
 //!
 //! The family, in the order a tunnel lives: this module connects to the origin and reads
 //! its answer; [`handoff`] takes the connections out of Pingora; [`relay`] moves the bytes;
-//! [`tally`] counts them and records the tunnel's end; [`frames`] reads frame headers.
+//! [`frames`] reads frame headers and writes the edge's own frames; [`heartbeat`] pings
+//! quiet sides; [`closing`] says who gets which Close when a tunnel ends; [`tally`] counts
+//! the bytes and records the tunnel's end.
 
+pub mod closing;
 pub mod frames;
 mod handoff;
+pub mod heartbeat;
 pub mod relay;
 pub mod tally;
 
@@ -108,7 +112,7 @@ pub async fn open(
     let mut guard = TunnelGuard::new(info, report, slot, server);
     let Some((client, from_client)) = take_client(session) else {
         // Upgrades only come over HTTP/1 (there is no RFC 8441 here): not reached.
-        guard.finish(CloseReason::Error);
+        guard.finish(CloseReason::Error, Default::default());
         return Ok(Outcome::Opened);
     };
     up.read_timeout = None;

@@ -1,18 +1,24 @@
 //! The relay after the 101: one future per tunnel that moves bytes both ways until one
 //! side ends, nothing moves for the idle timeout, a destination takes nothing for that
-//! long, or the lifetime is reached; then the client gets its FIN. Generic over the two
-//! streams (any `AsyncRead + AsyncWrite`), like linkerd's `Duplex`, so it runs over
-//! in-memory pipes in tests.
+//! long, the lifetime is reached, a heartbeat goes unanswered or a side breaks a limit.
+//! Then the edge says so: each side still there gets a Close frame at a frame boundary
+//! (the table is [`super::closing::plan`]) and a second to answer with its own, and then
+//! its FIN. Generic over the two streams (any `AsyncRead + AsyncWrite`), like linkerd's
+//! `Duplex`, so it runs over in-memory pipes in tests.
 //!
 //! An idle tunnel holds no buffer: reads go into one buffer per worker thread and are
 //! written on at once; only bytes a destination cannot take yet are kept, by the direction
 //! that read them, and that direction reads again only once they are written. Every chunk
-//! passes the tunnel's accounting ([`TunnelGuard`]), which reads its frame headers: the
-//! place where a control frame of the edge's own can be written at a frame boundary.
+//! passes the direction's [`Scanner`], which knows where frames end: the place where a
+//! frame of the edge's own (a heartbeat Ping, a Close) is written.
 
-use super::tally::TunnelGuard;
+use super::closing::{plan, Cause, Owed, Side};
+use super::frames::{Control, Fed, Rules, Scanner, Stop, Violation};
+use super::heartbeat::{Beat, Due};
+use super::tally::{Codes, TunnelGuard};
 use crate::config::WebSocket;
 use crate::observe::labels::CloseReason;
+use crate::observe::labels::HeartbeatResult;
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -42,17 +48,36 @@ const ROUNDS: usize = 16;
 /// How long a closing tunnel waits for the client to take its FIN (and TLS close_notify).
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a Close of the edge's own waits for the frame in progress to end, and then
+/// for the side's own Close in answer (RFC 6455 §7.1.1: the closing handshake).
+const CLOSE_FRAME_WAIT: Duration = Duration::from_secs(1);
+
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     Eof,
     ReadError,
     WriteError,
+    /// The source broke a limit: nothing more is forwarded.
+    Broke(Violation),
 }
 
-/// One direction: bytes read but not yet taken by the destination.
+/// What a direction did in one poll.
+#[derive(Debug, Default)]
+struct Moved {
+    /// Bytes came from the source.
+    read: bool,
+    /// Bytes of the source's went on to the destination.
+    forwarded: bool,
+    /// The source's Pong with the edge's token came back.
+    pong: bool,
+    /// The edge's Ping went out to the destination.
+    ping_out: bool,
+}
+
+/// Bytes a destination has not taken yet.
 #[derive(Default)]
-struct Half {
+struct Outbox {
     /// Bytes the destination pushed back (empty, unallocated, almost always).
     pending: Vec<u8>,
     written: usize,
@@ -62,16 +87,113 @@ struct Half {
     stalled_since: Option<Instant>,
 }
 
+impl Outbox {
+    /// Writes what waits, then flushes.
+    fn poll_drain<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Poll<Result<(), ()>> {
+        while self.written < self.pending.len() {
+            match Pin::new(&mut *dst).poll_write(cx, &self.pending[self.written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => self.written += n,
+                Poll::Ready(_) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !self.pending.is_empty() {
+            self.pending = Vec::new();
+            self.written = 0;
+            self.stalled_since = None;
+            self.flush = true;
+        }
+        if self.flush {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flush = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `bytes` now, after what waits; what the destination does not take is kept.
+    fn put<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+        bytes: &[u8],
+    ) -> Result<(), ()> {
+        if !self.pending.is_empty() {
+            self.keep(bytes);
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            match Pin::new(&mut *dst).poll_write(cx, &bytes[done..]) {
+                Poll::Ready(Ok(n)) if n > 0 => done += n,
+                Poll::Ready(_) => return Err(()),
+                Poll::Pending => {
+                    self.keep(&bytes[done..]);
+                    return Ok(());
+                }
+            }
+        }
+        self.flush = true;
+        Ok(())
+    }
+
+    /// Keeps bytes for later (the destination is full).
+    fn keep(&mut self, rest: &[u8]) {
+        self.pending.extend_from_slice(rest);
+        self.stalled_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Everything was written and flushed.
+    fn empty(&self) -> bool {
+        self.pending.is_empty() && !self.flush
+    }
+}
+
+/// One direction: its scanner, what its destination has not taken, and a frame of the
+/// edge's own waiting for a boundary.
+struct Half {
+    out: Outbox,
+    scan: Scanner,
+    /// A frame of the edge's own, written at the next frame boundary.
+    inject: Option<Control>,
+    /// Frames the edge writes this way are masked: they go to an origin (§5.3).
+    masked: bool,
+    /// The source is not read any more (it ended, or its side is cut).
+    src_done: bool,
+    /// A write to the destination failed.
+    dst_failed: bool,
+    /// The edge wrote its Close this way.
+    sent_close: bool,
+}
+
 impl Half {
-    /// Moves bytes from `src` to `dst` until either blocks, each chunk through `account`;
-    /// `moved` is set when any were read. Ready means this direction ended.
+    fn new(rules: Rules, masked: bool) -> Half {
+        Half {
+            out: Outbox::default(),
+            scan: Scanner::new(rules),
+            inject: None,
+            masked,
+            src_done: false,
+            dst_failed: false,
+            sent_close: false,
+        }
+    }
+
+    /// Moves bytes from `src` to `dst` until either blocks, each chunk through the scanner
+    /// and then `account`. Ready means this direction ended.
     fn poll_move<S, D>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut S,
         dst: &mut D,
-        mut account: impl FnMut(&[u8]),
-        moved: &mut bool,
+        mut account: impl FnMut(&Fed),
+        moved: &mut Moved,
     ) -> Poll<End>
     where
         S: AsyncRead + Unpin,
@@ -79,25 +201,19 @@ impl Half {
     {
         for _ in 0..ROUNDS {
             // What the destination pushed back goes first, then a flush.
-            while self.written < self.pending.len() {
-                match Pin::new(&mut *dst).poll_write(cx, &self.pending[self.written..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => self.written += n,
-                    Poll::Ready(_) => return Poll::Ready(End::WriteError),
-                    Poll::Pending => return Poll::Pending,
-                }
+            match self.out.poll_drain(cx, dst) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(())) => return Poll::Ready(End::WriteError),
+                Poll::Pending => return Poll::Pending,
             }
-            if !self.pending.is_empty() {
-                self.pending = Vec::new();
-                self.written = 0;
-                self.stalled_since = None;
-                self.flush = true;
-            }
-            if self.flush {
-                match Pin::new(&mut *dst).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(End::WriteError),
-                    Poll::Pending => return Poll::Pending,
+            if let Some(c) = self.inject.filter(|_| self.scan.at_boundary()) {
+                if self.write_control(cx, dst, c, moved).is_err() {
+                    return Poll::Ready(End::WriteError);
                 }
+                continue;
+            }
+            if self.src_done {
+                return Poll::Pending;
             }
             let step = READ_BUF.with_borrow_mut(|buf| {
                 let mut read = ReadBuf::new(buf);
@@ -106,10 +222,8 @@ impl Half {
                     Poll::Ready(Err(_)) => Poll::Ready(Some(End::ReadError)),
                     Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Some(End::Eof)),
                     Poll::Ready(Ok(())) => {
-                        let chunk = read.filled();
-                        account(chunk);
-                        *moved = true;
-                        Poll::Ready(self.write_now(cx, dst, chunk).err())
+                        moved.read = true;
+                        Poll::Ready(self.pass(cx, dst, read.filled(), &mut account, moved))
                     }
                 }
             });
@@ -124,33 +238,126 @@ impl Half {
         Poll::Pending
     }
 
-    /// Writes a chunk just read; what the destination does not take now is kept.
-    fn write_now<D: AsyncWrite + Unpin>(
+    /// Passes a chunk just read through the scanner to the destination, with the edge's
+    /// frame at the first boundary if one waits. Some(end) when the direction ended.
+    fn pass<D: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         dst: &mut D,
-        chunk: &[u8],
-    ) -> Result<(), End> {
-        let mut done = 0;
-        while done < chunk.len() {
-            match Pin::new(&mut *dst).poll_write(cx, &chunk[done..]) {
-                Poll::Ready(Ok(n)) if n > 0 => done += n,
-                Poll::Ready(_) => return Err(End::WriteError),
-                Poll::Pending => {
-                    self.keep(&chunk[done..]);
-                    return Ok(());
+        mut chunk: &[u8],
+        account: &mut impl FnMut(&Fed),
+        moved: &mut Moved,
+    ) -> Option<End> {
+        loop {
+            let mut failed = false;
+            let out = &mut self.out;
+            let fed = self
+                .scan
+                .feed(chunk, self.inject.is_some(), &mut |bytes: &[u8]| {
+                    failed = failed || out.put(cx, dst, bytes).is_err();
+                });
+            account(&fed);
+            moved.forwarded |= fed.forwarded > 0;
+            moved.pong |= fed.pong;
+            if failed {
+                return Some(End::WriteError);
+            }
+            chunk = &chunk[fed.consumed..];
+            match fed.stop {
+                Some(Stop::Boundary) => {
+                    if let Some(c) = self.inject {
+                        if self.write_control(cx, dst, c, moved).is_err() {
+                            return Some(End::WriteError);
+                        }
+                    }
                 }
+                Some(Stop::Violation(v)) => return Some(End::Broke(v)),
+                None => return None,
             }
         }
-        self.flush = true;
+    }
+
+    /// Passes bytes that came with the handshake: kept, to be written first. Some when
+    /// they break a limit.
+    fn pass_early(&mut self, chunk: &[u8], mut account: impl FnMut(&Fed)) -> Option<Violation> {
+        let out = &mut self.out;
+        let fed = self
+            .scan
+            .feed(chunk, false, &mut |bytes: &[u8]| out.keep(bytes));
+        account(&fed);
+        match fed.stop {
+            Some(Stop::Violation(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Writes a frame of the edge's own (the scanner is at a boundary).
+    fn write_control<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+        c: Control,
+        moved: &mut Moved,
+    ) -> Result<(), ()> {
+        self.inject = None;
+        let mask = self.masked.then(rand::random::<[u8; 4]>);
+        let (frame, len) = c.encode(mask);
+        self.out.put(cx, dst, &frame[..len])?;
+        match c {
+            Control::Ping(_) => moved.ping_out = true,
+            Control::Close(..) => {
+                // After its Close nothing more goes this way (§5.5.1).
+                self.sent_close = true;
+                self.scan.seal();
+            }
+        }
         Ok(())
     }
 
-    /// Keeps bytes for later (the destination is full).
-    fn keep(&mut self, rest: &[u8]) {
-        self.pending.extend_from_slice(rest);
-        self.stalled_since = Some(Instant::now());
+    /// Queues a Close for this direction's destination, unless one went that way already
+    /// or none can be written (the stream is not WebSocket, or the destination failed).
+    /// Whether one is owed.
+    fn owe_close(&mut self, owed: Owed) -> bool {
+        let Some((code, say)) = owed else {
+            return false;
+        };
+        if self.scan.close_forwarded() || self.sent_close || self.dst_failed || self.scan.stuck() {
+            return false;
+        }
+        self.inject = Some(Control::Close(code, say));
+        true
     }
+}
+
+/// The edge's heartbeats on a tunnel (boxed: a tunnel without them carries a pointer).
+struct Beats {
+    client: Option<Beat>,
+    origin: Option<Beat>,
+}
+
+/// Where the edge's Close to one side stands, once the tunnel is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owing {
+    /// Queued, waiting for a frame boundary.
+    Waiting,
+    /// Written at this time; the side's own Close is awaited.
+    Sent(Instant),
+    /// Nothing (more) to wait for from this side.
+    Done,
+}
+
+/// A tunnel that the edge is ending.
+struct Ending {
+    reason: CloseReason,
+    /// Until when a queued Close may wait for a frame boundary.
+    boundary_until: Instant,
+    client: Owing,
+    origin: Owing,
+    /// The client's connection is to be shut at once (it is presumed gone).
+    shut_client: bool,
+    /// The code of the edge's Close (to the client if it told the client) when it was the
+    /// tunnel's first, for the log.
+    code: Option<u16>,
 }
 
 /// An open tunnel, as one task. Both directions and the one timer are polled from this
@@ -164,15 +371,18 @@ pub struct Relay<C, O> {
     idle: Duration,
     lifetime_end: Instant,
     last_activity: Instant,
-    /// Armed once and moved only when it fires: traffic just records the time.
+    /// Armed once and moved only when it fires (or when a Ping went out): traffic just
+    /// records the time.
     timer: Pin<Box<Sleep>>,
-    /// The client is done sending; the origin was (`origin_shut`) or is being shut down
-    /// for writing.
+    /// The client is done sending after its Close; the origin was (`origin_shut`) or is
+    /// being shut down for writing.
     client_eof: bool,
     origin_shut: bool,
     /// Whether the client's stream needs a shutdown to end (TLS: close_notify); a bare
     /// socket's FIN comes with its close.
     shutdown_client: bool,
+    beats: Option<Box<Beats>>,
+    ending: Option<Box<Ending>>,
     /// Set once the relay ended: the FIN to the client is on its way.
     closing: bool,
 }
@@ -199,109 +409,411 @@ where
         let lifetime_end = now
             + ws.max_lifetime
                 .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+        let hb = ws.heartbeat.as_ref();
+        let c2o_rules = Rules {
+            max_message: ws.max_message_size,
+            rate: ws.message_rate.map(|r| (r.per_second, r.burst)),
+            pongs: hb.is_some(),
+        };
+        let o2c_rules = Rules {
+            max_message: ws.max_message_size,
+            rate: None,
+            pongs: hb.is_some_and(|h| h.origin),
+        };
+        let beats = hb.map(|h| {
+            Box::new(Beats {
+                client: Some(Beat::new(h, now)),
+                origin: h.origin.then(|| Beat::new(h, now)),
+            })
+        });
+        let first_beat = hb.map_or(lifetime_end, |h| now + h.interval);
         let mut relay = Relay {
             client,
             origin,
             guard,
-            c2o: Half::default(),
-            o2c: Half::default(),
+            c2o: Half::new(c2o_rules, true),
+            o2c: Half::new(o2c_rules, false),
             idle,
             lifetime_end,
             last_activity: now,
-            timer: Box::pin(tokio::time::sleep_until((now + idle).min(lifetime_end))),
+            timer: Box::pin(tokio::time::sleep_until(
+                (now + idle).min(lifetime_end).min(first_beat),
+            )),
             client_eof: false,
             origin_shut: false,
             shutdown_client,
+            beats,
+            ending: None,
             closing: false,
         };
-        // Bytes that came with the handshake go first, counted like any other.
+        // Bytes that came with the handshake go first, through the scanners like any
+        // other (a frame that breaks a limit among them ends the tunnel at once).
         let [from_client, from_origin] = early;
         if let Some(b) = from_client {
-            relay.guard.client_to_origin(&b);
-            relay.c2o.keep(&b);
+            let guard = &mut relay.guard;
+            if let Some(v) = relay.c2o.pass_early(&b, |f| guard.client_to_origin(f)) {
+                relay.begin_end(Cause::Broke(Side::Client, v));
+            }
         }
         if let Some(b) = from_origin {
-            relay.guard.origin_to_client(&b);
-            relay.o2c.keep(&b);
+            let guard = &mut relay.guard;
+            if let Some(v) = relay.o2c.pass_early(&b, |f| guard.origin_to_client(f)) {
+                if relay.ending.is_none() {
+                    relay.begin_end(Cause::Broke(Side::Origin, v));
+                }
+            }
         }
         relay
     }
 
-    /// Moves bytes both ways; Ready with the transport's reason when the relay is over.
-    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        let mut moved = false;
+    /// Moves bytes both ways; Ready with the cause when the tunnel is to end.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
+        let mut from_client = Moved::default();
+        let mut from_origin = Moved::default();
         if !self.client_eof {
             let guard = &mut self.guard;
-            match self.c2o.poll_move(
+            let end = self.c2o.poll_move(
                 cx,
                 &mut self.client,
                 &mut self.origin,
-                |chunk| guard.client_to_origin(chunk),
-                &mut moved,
-            ) {
+                |f| guard.client_to_origin(f),
+                &mut from_client,
+            );
+            let closed = self.c2o.scan.close_forwarded();
+            match end {
                 Poll::Pending => {}
-                // The client is done sending; the origin may still answer (its Close
-                // frame): half-close towards it and keep relaying its side.
-                Poll::Ready(End::Eof) => self.client_eof = true,
-                Poll::Ready(_) => return Poll::Ready(CloseReason::Error),
+                // The client is done sending after its Close; the origin may still answer
+                // with its own: half-close towards it and keep relaying its side.
+                Poll::Ready(End::Eof) if closed => self.client_eof = true,
+                Poll::Ready(end) => return Poll::Ready(self.client_end(end, closed)),
             }
         }
         if self.client_eof && !self.origin_shut {
             if let Poll::Ready(r) = Pin::new(&mut self.origin).poll_shutdown(cx) {
                 self.origin_shut = true;
                 if r.is_err() {
-                    return Poll::Ready(CloseReason::ClientClosed);
+                    return Poll::Ready(Cause::Done(CloseReason::ClientClosed));
                 }
             }
         }
-        let client_open = !self.client_eof;
         let guard = &mut self.guard;
         let o2c = self.o2c.poll_move(
             cx,
             &mut self.origin,
             &mut self.client,
-            |chunk| guard.origin_to_client(chunk),
-            &mut moved,
+            |f| guard.origin_to_client(f),
+            &mut from_origin,
         );
-        if moved {
-            self.last_activity = Instant::now();
-        }
+        self.note(&from_client, &from_origin);
         match o2c {
             Poll::Pending => self.poll_limits(cx),
-            Poll::Ready(End::Eof) if client_open => Poll::Ready(CloseReason::OriginClosed),
-            Poll::Ready(End::Eof) => Poll::Ready(CloseReason::ClientClosed),
-            Poll::Ready(End::ReadError) if client_open => Poll::Ready(CloseReason::Error),
-            Poll::Ready(End::ReadError) => Poll::Ready(CloseReason::ClientClosed),
-            Poll::Ready(End::WriteError) => Poll::Ready(CloseReason::Error),
+            Poll::Ready(end) => Poll::Ready(self.origin_end(end)),
         }
     }
 
-    /// When the timer fires: whether a limit was reached, else the timer is moved on.
-    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+    /// Why the tunnel ends when the client's direction ended with `end`.
+    fn client_end(&mut self, end: End, after_close: bool) -> Cause {
+        match end {
+            End::Eof | End::ReadError => {
+                self.c2o.src_done = true;
+                match (end, after_close) {
+                    (End::Eof, true) => Cause::Done(CloseReason::ClientClosed),
+                    (_, true) => Cause::Done(CloseReason::Error),
+                    _ => Cause::Ended {
+                        side: Side::Client,
+                        error: end == End::ReadError,
+                    },
+                }
+            }
+            End::WriteError => {
+                self.c2o.dst_failed = true;
+                Cause::WriteFailed(Side::Origin)
+            }
+            End::Broke(v) => Cause::Broke(Side::Client, v),
+        }
+    }
+
+    /// Why the tunnel ends when the origin's direction ended with `end`.
+    fn origin_end(&mut self, end: End) -> Cause {
+        match end {
+            End::Eof | End::ReadError => {
+                self.o2c.src_done = true;
+                // After the client's Close and end, the origin's end closes the tunnel.
+                if self.client_eof {
+                    return Cause::Done(CloseReason::ClientClosed);
+                }
+                match (end, self.o2c.scan.close_forwarded()) {
+                    (End::Eof, true) => Cause::Done(CloseReason::OriginClosed),
+                    (_, true) => Cause::Done(CloseReason::Error),
+                    _ => Cause::Ended {
+                        side: Side::Origin,
+                        error: end == End::ReadError,
+                    },
+                }
+            }
+            End::WriteError => {
+                self.o2c.dst_failed = true;
+                Cause::WriteFailed(Side::Client)
+            }
+            End::Broke(v) => Cause::Broke(Side::Origin, v),
+        }
+    }
+
+    /// Records what moved: the time of the last application data (the edge's pings and
+    /// the pongs they bring are not application data), and heartbeats heard and sent.
+    fn note(&mut self, c: &Moved, o: &Moved) {
+        if !(c.read || o.read || c.ping_out || o.ping_out) {
+            return;
+        }
+        let now = Instant::now();
+        if c.forwarded || o.forwarded {
+            self.last_activity = now;
+        }
+        let Some(beats) = self.beats.as_deref_mut() else {
+            return;
+        };
+        // The client's heartbeat: its bytes come on c2o, its pings go on o2c.
+        for (beat, side, from, toward) in [
+            (beats.client.as_mut(), Side::Client, c, o),
+            (beats.origin.as_mut(), Side::Origin, o, c),
+        ] {
+            let Some(beat) = beat else { continue };
+            if from.read {
+                beat.heard(now);
+            }
+            if from.pong {
+                beat.answered();
+                self.guard.heartbeat(side, HeartbeatResult::Answered);
+            }
+            if toward.ping_out {
+                beat.sent(now);
+                self.guard.heartbeat(side, HeartbeatResult::Sent);
+                // The timer may be set later than the answer is due.
+                if let Some(due) = beat.next().filter(|&d| d < self.timer.deadline()) {
+                    self.timer.as_mut().reset(due);
+                }
+            }
+        }
+    }
+
+    /// When the timer fires: whether a limit was reached or a heartbeat is due, else the
+    /// timer is moved on.
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if now >= self.lifetime_end {
-                return Poll::Ready(CloseReason::MaxLifetime);
+                return Poll::Ready(Cause::MaxLifetime);
             }
             let idle_end = self.last_activity + self.idle;
             if now >= idle_end {
-                return Poll::Ready(CloseReason::IdleTimeout);
+                return Poll::Ready(Cause::IdleTimeout);
             }
             // A destination that takes nothing for the idle timeout is as good as gone,
             // even while the other direction talks.
             let mut next = idle_end.min(self.lifetime_end);
-            for stalled in [self.c2o.stalled_since, self.o2c.stalled_since]
-                .into_iter()
-                .flatten()
-            {
-                if now >= stalled + self.idle {
-                    return Poll::Ready(CloseReason::Error);
+            for (stalled, side) in [
+                (self.c2o.out.stalled_since, Side::Origin),
+                (self.o2c.out.stalled_since, Side::Client),
+            ] {
+                if let Some(since) = stalled {
+                    if now >= since + self.idle {
+                        return Poll::Ready(Cause::Stalled(side));
+                    }
+                    next = next.min(since + self.idle);
                 }
-                next = next.min(stalled + self.idle);
+            }
+            if let Some(cause) = self.beat(cx, now, &mut next) {
+                return Poll::Ready(cause);
             }
             self.timer.as_mut().reset(next);
         }
         Poll::Pending
+    }
+
+    /// The heartbeats at `now`: a Ping queued for a quiet side, or a side that did not
+    /// answer; `next` is moved to when they next need a look.
+    fn beat(&mut self, cx: &mut Context<'_>, now: Instant, next: &mut Instant) -> Option<Cause> {
+        let beats = self.beats.as_deref_mut()?;
+        // Once a closing handshake began, the edge sends no more pings.
+        let closing = self.c2o.scan.close_seen() || self.o2c.scan.close_seen();
+        for (beat, side) in [
+            (beats.client.as_mut(), Side::Client),
+            (beats.origin.as_mut(), Side::Origin),
+        ] {
+            let Some(beat) = beat else { continue };
+            let (toward, from) = match side {
+                Side::Client => (&mut self.o2c, &mut self.c2o),
+                Side::Origin => (&mut self.c2o, &mut self.o2c),
+            };
+            if closing || toward.scan.lost() || from.scan.lost() {
+                beat.stop();
+                continue;
+            }
+            match beat.due(now) {
+                Some(Due::Ping(token)) => {
+                    from.scan.expect_pong(token);
+                    toward.inject = Some(Control::Ping(token));
+                    // The direction toward the side writes it at its next boundary.
+                    cx.waker().wake_by_ref();
+                }
+                Some(Due::Timeout) => {
+                    self.guard.heartbeat(side, HeartbeatResult::Timeout);
+                    return Some(Cause::Heartbeat(side));
+                }
+                None => {}
+            }
+            if let Some(t) = beat.next() {
+                *next = (*next).min(t);
+            }
+        }
+        None
+    }
+
+    /// The tunnel is to end for `cause`: the Close frames it owes are queued.
+    fn begin_end(&mut self, cause: Cause) {
+        let plan = plan(cause);
+        let owing = |owed: bool| if owed { Owing::Waiting } else { Owing::Done };
+        let client = owing(self.o2c.owe_close(plan.to_client));
+        let origin = owing(self.c2o.owe_close(plan.to_origin));
+        if plan.cut_client {
+            self.o2c.scan.seal();
+            self.c2o.src_done = true;
+        }
+        if plan.cut_origin {
+            self.c2o.scan.seal();
+            self.o2c.src_done = true;
+        }
+        // The edge's code, for the log, when its Close is the tunnel's first.
+        let first = !(self.c2o.scan.close_seen() || self.o2c.scan.close_seen());
+        let code = match (client, origin) {
+            _ if !first => None,
+            (Owing::Waiting, _) => plan.to_client.map(|(code, _)| code),
+            (_, Owing::Waiting) => plan.to_origin.map(|(code, _)| code),
+            _ => None,
+        };
+        self.ending = Some(Box::new(Ending {
+            reason: plan.reason,
+            boundary_until: Instant::now() + CLOSE_FRAME_WAIT,
+            client,
+            origin,
+            shut_client: plan.cut_client,
+            code,
+        }));
+    }
+
+    /// Drives an ending tunnel: each owed Close written at a boundary, each side's own
+    /// Close awaited, all within bounds. Ready when there is nothing more to wait for.
+    fn poll_ending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(e) = self.ending.as_deref_mut() else {
+                return Poll::Ready(());
+            };
+            if e.shut_client && Pin::new(&mut self.client).poll_shutdown(cx).is_ready() {
+                e.shut_client = false;
+            }
+            if e.client == Owing::Done && e.origin == Owing::Done {
+                return match e.shut_client {
+                    true => Poll::Pending,
+                    false => Poll::Ready(()),
+                };
+            }
+            let guard = &mut self.guard;
+            let mut moved = Moved::default();
+            let c2o = self.c2o.poll_move(
+                cx,
+                &mut self.client,
+                &mut self.origin,
+                |f| guard.client_to_origin(f),
+                &mut moved,
+            );
+            self.c2o.ended(c2o);
+            let o2c = self.o2c.poll_move(
+                cx,
+                &mut self.origin,
+                &mut self.client,
+                |f| guard.origin_to_client(f),
+                &mut moved,
+            );
+            self.o2c.ended(o2c);
+            let now = Instant::now();
+            e.client = e
+                .client
+                .step(&mut self.o2c, &self.c2o, e.boundary_until, now);
+            e.origin = e
+                .origin
+                .step(&mut self.c2o, &self.o2c, e.boundary_until, now);
+            let next = [e.client, e.origin]
+                .into_iter()
+                .filter_map(|o| match o {
+                    Owing::Waiting => Some(e.boundary_until),
+                    Owing::Sent(at) => Some(at + CLOSE_FRAME_WAIT),
+                    Owing::Done => None,
+                })
+                .min();
+            let Some(next) = next else {
+                continue;
+            };
+            if self.timer.deadline() != next {
+                self.timer.as_mut().reset(next);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// The close codes for the log.
+    fn codes(&self, edge: Option<u16>) -> Codes {
+        Codes {
+            client: self.c2o.scan.close_code(),
+            origin: self.o2c.scan.close_code(),
+            edge,
+        }
+    }
+}
+
+impl Half {
+    /// Records how a direction of an ending tunnel ended, if it did.
+    fn ended(&mut self, end: Poll<End>) {
+        match end {
+            Poll::Ready(End::Eof | End::ReadError) => self.src_done = true,
+            Poll::Ready(End::WriteError) => {
+                // Nothing more can go this way; what waited is dropped.
+                self.dst_failed = true;
+                self.scan.seal();
+                self.out = Outbox::default();
+                self.inject = None;
+            }
+            Poll::Ready(End::Broke(_)) | Poll::Pending => {}
+        }
+    }
+}
+
+impl Owing {
+    /// Where the Close to a side stands now: `toward` is the direction to the side, `from`
+    /// the direction from it.
+    fn step(self, toward: &mut Half, from: &Half, boundary_until: Instant, now: Instant) -> Owing {
+        match self {
+            Owing::Waiting if toward.sent_close && toward.out.empty() => Owing::Sent(now),
+            // The frame in progress never ends (its source ended, or is not WebSocket),
+            // or not in time, or the side is gone: it is cut without a Close.
+            Owing::Waiting
+                if toward.dst_failed
+                    || now >= boundary_until
+                    || (toward.inject.is_some()
+                        && (toward.scan.stuck()
+                            || (toward.src_done && !toward.scan.at_boundary()))) =>
+            {
+                toward.inject = None;
+                Owing::Done
+            }
+            Owing::Sent(at)
+                if from.scan.close_seen() || from.src_done || now >= at + CLOSE_FRAME_WAIT =>
+            {
+                Owing::Done
+            }
+            other => other,
+        }
     }
 }
 
@@ -315,10 +827,21 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         if !this.closing {
-            let Poll::Ready(transport) = this.poll_relay(cx) else {
+            if this.ending.is_none() {
+                let Poll::Ready(cause) = this.poll_open(cx) else {
+                    return Poll::Pending;
+                };
+                this.begin_end(cause);
+            }
+            if this.poll_ending(cx).is_pending() {
                 return Poll::Pending;
-            };
-            this.guard.finish(transport);
+            }
+            let (reason, code) = this
+                .ending
+                .take()
+                .map_or((CloseReason::Error, None), |e| (e.reason, e.code));
+            let codes = this.codes(code);
+            this.guard.finish(reason, codes);
             this.closing = true;
             this.timer.as_mut().reset(Instant::now() + CLOSE_WAIT);
         }
@@ -420,6 +943,206 @@ mod tests {
         f
     }
 
+    /// Reads one frame: opcode, unmasked payload, whether it was masked.
+    async fn read_frame(s: &mut DuplexStream) -> (u8, Vec<u8>, bool) {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(h[0] & 0x70, 0, "no RSV bits");
+        let mut len = u64::from(h[1] & 0x7f);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from_be_bytes(b);
+        }
+        let masked = h[1] & 0x80 != 0;
+        let mut key = [0u8; 4];
+        if masked {
+            s.read_exact(&mut key).await.unwrap();
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        (h[0] & 0x0f, payload, masked)
+    }
+
+    /// A Close frame with `code`, masked with a zero key or not.
+    fn close_frame(code: u16, masked: bool) -> Vec<u8> {
+        let mut f = vec![0x88, 2 | if masked { 0x80 } else { 0 }];
+        if masked {
+            f.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        f.extend_from_slice(&code.to_be_bytes());
+        f
+    }
+
+    /// A frame with `opcode` and `payload` masked with `key` (a client's).
+    fn masked(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_client_is_pinged_its_pong_stays_out_of_the_origin_and_idle_is_untouched() {
+        let mut s = relay(
+            "idle_timeout: 10s, heartbeat: { interval: 2s, timeout: 1s }",
+            4096,
+        );
+        let started = Instant::now();
+        let task = tokio::spawn(s.relay);
+        // Three pings, two seconds apart, each answered at once.
+        for n in 1..=3u64 {
+            let (op, token, masked) = read_frame(&mut s.client).await;
+            assert_eq!((op, token.len(), masked), (9, 8, false), "ping {n}");
+            assert_eq!(started.elapsed().as_secs(), 2 * n);
+            s.client.write_all(&masked_pong(&token)).await.unwrap();
+        }
+        // Application data still flows, and the origin saw none of the pongs.
+        s.client.write_all(&frame("data", true)).await.unwrap();
+        let mut got = [0u8; 10];
+        s.origin.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[6..], b"data");
+        // Pings are not traffic: the idle timeout counts from the data at 6 s.
+        let (op, _, _) = read_frame(&mut s.client).await; // the ping at 8 s, unanswered
+        assert_eq!(op, 9);
+        task.await.unwrap();
+        // The unanswered ping at 8 s ends it at 9 s: heartbeat_timeout, the origin told 1001.
+        let lasted = started.elapsed();
+        assert!(
+            lasted >= Duration::from_secs(9) && lasted < Duration::from_secs(11),
+            "{lasted:?}"
+        );
+        assert_eq!(closed(&s.stats, "heartbeat_timeout"), 1);
+        let (op, payload, masked) = read_frame(&mut s.origin).await;
+        assert_eq!((op, masked), (8, true));
+        assert_eq!(payload, b"\x03\xe9heartbeat timeout");
+        // The client got no Close: its connection is closed.
+        assert_eq!(s.client.read(&mut got).await.unwrap(), 0);
+        let text = s.stats.prometheus_text();
+        for (result, n) in [("sent", 4), ("answered", 3), ("timeout", 1)] {
+            let series = format!(
+                "wsedge_ws_heartbeats_total{{peer=\"client\",resource=\"t\",result=\"{result}\"}} {n}"
+            );
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
+    }
+
+    /// The client's Pong to `token`, masked.
+    fn masked_pong(token: &[u8]) -> Vec<u8> {
+        masked(0xA, token, [0x11, 0x22, 0x33, 0x44])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_waits_for_the_end_of_a_frame_in_progress() {
+        let mut s = relay(
+            "idle_timeout: 60s, heartbeat: { interval: 1s, timeout: 5s }",
+            1 << 16,
+        );
+        let task = tokio::spawn(s.relay);
+        // The origin starts a 1000-byte frame, half of it now, the rest after 3 s.
+        let mut big = vec![0x82, 126, 0x03, 0xe8];
+        big.extend((0..1000u32).map(|i| i as u8));
+        s.origin.write_all(&big[..504]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        s.origin.write_all(&big[504..]).await.unwrap();
+        // The client reads the whole frame, then the ping.
+        let (op, payload, _) = read_frame(&mut s.client).await;
+        assert_eq!((op, payload.as_slice()), (2, &big[4..]));
+        let (op, token, _) = read_frame(&mut s.client).await;
+        assert_eq!((op, token.len()), (9, 8));
+        drop(s.client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_with_another_payload_and_pings_of_the_endpoints_pass_untouched() {
+        let mut s = relay("heartbeat: { interval: 1s }", 4096);
+        let task = tokio::spawn(s.relay);
+        let (_, token, _) = read_frame(&mut s.client).await;
+        // An unsolicited pong, a ping of the client's, then ours.
+        let mut other = token.clone();
+        other[0] ^= 0xff;
+        let mut sent = masked_pong(&other);
+        sent.extend(masked(0x9, b"client ping", [1, 2, 3, 4]));
+        s.client.write_all(&sent).await.unwrap();
+        s.client.write_all(&masked_pong(&token)).await.unwrap();
+        s.client.write_all(&frame("after", true)).await.unwrap();
+        let mut want = sent.clone();
+        want.extend(frame("after", true));
+        let mut got = vec![0u8; want.len()];
+        s.origin.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        // The origin's ping passes to the client.
+        s.origin.write_all(&[0x89, 0x01, b'o']).await.unwrap();
+        let (op, payload, _) = read_frame(&mut s.client).await;
+        assert_eq!((op, payload.as_slice()), (9, &b"o"[..]));
+        drop(s.client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_tells_the_sender_1009_and_the_other_side_1001() {
+        let mut s = relay("max_message_size: 1KiB", 1 << 16);
+        let task = tokio::spawn(s.relay);
+        let small = frame("fits", true);
+        let mut big = vec![0x82, 0x80 | 126, 0x08, 0x00, 0, 0, 0, 0];
+        big.extend(std::iter::repeat_n(7u8, 2048));
+        let mut sent = small.clone();
+        sent.extend(&big);
+        s.client.write_all(&sent).await.unwrap();
+        // The origin gets what fits, then a Close; not a byte of the big frame.
+        let mut got = vec![0u8; small.len()];
+        s.origin.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, small);
+        let (op, payload, _) = read_frame(&mut s.origin).await;
+        assert_eq!(
+            (op, payload.as_slice()),
+            (8, &b"\x03\xe9client message too big"[..])
+        );
+        let (op, payload, _) = read_frame(&mut s.client).await;
+        assert_eq!(
+            (op, payload.as_slice()),
+            (8, &b"\x03\xf1message too big"[..])
+        );
+        s.client.write_all(&close_frame(1009, true)).await.unwrap();
+        s.origin.write_all(&close_frame(1001, false)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed(&s.stats, "message_too_big"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_many_messages_from_the_client_end_with_1008() {
+        let mut s = relay("message_rate: { rate: 10/s, burst: 5 }", 1 << 16);
+        let task = tokio::spawn(s.relay);
+        let one = frame("m", true);
+        let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 8).collect();
+        s.client.write_all(&burst).await.unwrap();
+        let mut got = vec![0u8; one.len() * 5];
+        s.origin.read_exact(&mut got).await.unwrap();
+        let (op, payload, _) = read_frame(&mut s.origin).await;
+        assert_eq!((op, &payload[..2]), (8, &[0x03, 0xe9][..]));
+        let (op, payload, _) = read_frame(&mut s.client).await;
+        assert_eq!(
+            (op, payload.as_slice()),
+            (8, &b"\x03\xf0message rate exceeded"[..])
+        );
+        task.await.unwrap();
+        assert_eq!(closed(&s.stats, "message_rate"), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_tunnel_closes_at_its_idle_timeout_and_traffic_keeps_it_open() {
         let mut s = relay("idle_timeout: 90s", 4096);
@@ -434,11 +1157,21 @@ mod tests {
         let mut got = vec![0u8; 16];
         s.origin.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[6..], b"still here");
-        // Then 90 s of silence: closed, at the idle timeout counted from the message.
+        // Then 90 s of silence: both sides are told, at the idle timeout counted from the
+        // message.
+        let (op, payload, masked) = read_frame(&mut s.client).await;
+        assert_eq!(started.elapsed().as_secs(), 155);
+        assert_eq!((op, masked), (8, false));
+        assert_eq!(payload, b"\x03\xe9idle timeout");
+        let (op, payload, masked) = read_frame(&mut s.origin).await;
+        assert_eq!((op, masked), (8, true), "frames to an origin are masked");
+        assert_eq!(payload, b"\x03\xe9idle timeout");
+        // The client answers its Close; the origin does not and gets a second.
+        s.client.write_all(&close_frame(1001, true)).await.unwrap();
         task.await.unwrap();
         let lasted = started.elapsed();
         assert!(
-            lasted >= Duration::from_secs(155) && lasted < Duration::from_secs(156),
+            lasted >= Duration::from_secs(156) && lasted < Duration::from_secs(157),
             "{lasted:?}"
         );
         assert_eq!(closed(&s.stats, "idle_timeout"), 1);
@@ -465,8 +1198,9 @@ mod tests {
             tokio::spawn(async move { while s.client.read(&mut sink).await.unwrap_or(0) > 0 {} });
         task.await.unwrap();
         let lasted = started.elapsed();
+        // At the lifetime both sides get a Close; neither answers, a second is given.
         assert!(
-            lasted >= Duration::from_secs(60) && lasted < Duration::from_secs(61),
+            lasted >= Duration::from_secs(60) && lasted < Duration::from_secs(62),
             "{lasted:?}"
         );
         assert_eq!(closed(&s.stats, "max_lifetime"), 1);
@@ -536,7 +1270,7 @@ mod tests {
             assert!(futures_util::poll!(&mut t).is_pending());
             tokio::task::yield_now().await;
         }
-        let held = t.o2c.pending.len();
+        let held = t.o2c.out.pending.len();
         assert!(held > 0, "the client's side never filled");
         // The documented bound: one read, 32 KiB (nginx and HAProxy hold 16 KiB).
         assert!(held <= 32 * 1024, "a stalled client pins {held} bytes");
@@ -583,10 +1317,14 @@ mod tests {
             .unwrap();
         assert_eq!(closed(&s.stats, "client_closed"), 1);
 
-        // The origin ends first, without a Close frame: origin_closed.
+        // The origin ends first, without a Close frame: origin_closed, and the client is
+        // told 1014 (bad gateway) rather than seeing its connection vanish.
         let mut s = relay("", 4096);
         let task = tokio::spawn(s.relay);
         s.origin.shutdown().await.unwrap();
+        let (op, payload, _) = read_frame(&mut s.client).await;
+        assert_eq!((op, payload.as_slice()), (8, &b"\x03\xf6bad gateway"[..]));
+        s.client.write_all(&close_frame(1000, true)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .unwrap()

@@ -2,9 +2,10 @@
 //! counted into the resource's metrics as they pass ([`Counters`]), and the tunnel's guard,
 //! whose `Drop` records how it ended (metrics and the access line), however it ends.
 
-use super::frames::FrameReader;
+use super::closing::Side;
+use super::frames::Fed;
 use crate::observe::access_log::{AccessLog, JsonLine};
-use crate::observe::labels::CloseReason;
+use crate::observe::labels::{CloseReason, HeartbeatResult};
 use crate::observe::metrics::ResourceStats;
 use crate::policy::limits::Slot;
 use prometheus::IntCounter;
@@ -48,29 +49,36 @@ pub struct Reporting {
 struct Direction {
     bytes: u64,
     messages: u64,
-    frames: FrameReader,
     /// When this direction's first Close frame passed, if one did.
     close_at: Option<Instant>,
 }
 
 impl Direction {
-    /// Accounts for a chunk; per chunk this is a walk over the frame headers in it (the
-    /// close reason and code come from them, metrics or not) and, with metrics on, two
-    /// atomic adds.
-    fn pass(&mut self, chunk: &[u8], counters: &Counters<'_>) {
-        self.bytes += chunk.len() as u64;
-        let seen = self.frames.feed(chunk);
-        self.messages += u64::from(seen.messages);
-        if seen.close && self.close_at.is_none() {
+    /// Accounts for what the scanner passed of a chunk: with metrics on, two atomic adds.
+    fn pass(&mut self, fed: &Fed, counters: &Counters<'_>) {
+        self.bytes += fed.forwarded as u64;
+        self.messages += u64::from(fed.messages);
+        if fed.close && self.close_at.is_none() {
             self.close_at = Some(Instant::now());
         }
         if counters.metrics {
-            counters.bytes.inc_by(chunk.len() as u64);
-            if seen.messages > 0 {
-                counters.messages.inc_by(u64::from(seen.messages));
+            if fed.forwarded > 0 {
+                counters.bytes.inc_by(fed.forwarded as u64);
+            }
+            if fed.messages > 0 {
+                counters.messages.inc_by(u64::from(fed.messages));
             }
         }
     }
+}
+
+/// The close codes of a tunnel: of each side's first Close frame, and of the edge's own
+/// when it was the first on the tunnel.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Codes {
+    pub client: Option<u16>,
+    pub origin: Option<u16>,
+    pub edge: Option<u16>,
 }
 
 /// An open tunnel's accounting. Its `Drop` records the close, so a tunnel is counted and
@@ -87,6 +95,7 @@ pub(crate) struct TunnelGuard {
     c2o: Direction,
     o2c: Direction,
     reason: Option<CloseReason>,
+    codes: Codes,
 }
 
 impl TunnelGuard {
@@ -107,33 +116,40 @@ impl TunnelGuard {
             c2o: Direction::default(),
             o2c: Direction::default(),
             reason: None,
+            codes: Codes::default(),
         }
     }
 
     /// Accounts for a chunk from the client.
-    pub(crate) fn client_to_origin(&mut self, chunk: &[u8]) {
+    pub(crate) fn client_to_origin(&mut self, fed: &Fed) {
         let counters = Counters::c2o(&self.report.site, self.report.metrics);
-        self.c2o.pass(chunk, &counters);
+        self.c2o.pass(fed, &counters);
     }
 
     /// Accounts for a chunk from the origin.
-    pub(crate) fn origin_to_client(&mut self, chunk: &[u8]) {
+    pub(crate) fn origin_to_client(&mut self, fed: &Fed) {
         let counters = Counters::o2c(&self.report.site, self.report.metrics);
-        self.o2c.pass(chunk, &counters);
+        self.o2c.pass(fed, &counters);
     }
 
-    /// The relay is over, the transport said why: the tunnel's reason is settled.
-    pub(crate) fn finish(&mut self, transport: CloseReason) {
+    /// Counts a heartbeat toward `side`.
+    pub(crate) fn heartbeat(&self, side: Side, result: HeartbeatResult) {
+        self.report.site.heartbeat(side == Side::Origin, result);
+    }
+
+    /// The relay is over: the tunnel's reason (`transport`, unless a Close frame says who
+    /// ended it) and its close codes are settled.
+    pub(crate) fn finish(&mut self, transport: CloseReason, codes: Codes) {
+        self.codes = codes;
         self.reason = Some(self.close_reason(transport));
     }
 
     /// "Closed by" is who sent the first Close frame (RFC 6455 §7.1.1: after a client's
     /// Close it is the origin that ends TCP); without Close frames, who ended TCP.
     fn close_reason(&self, transport: CloseReason) -> CloseReason {
-        if matches!(
-            transport,
-            CloseReason::IdleTimeout | CloseReason::Shutdown | CloseReason::MaxLifetime
-        ) {
+        // The edge's own Close went out before any side's: the Closes after it are
+        // answers, and the relay's reason stands.
+        if transport.by_edge() || self.codes.edge.is_some() {
             return transport;
         }
         match (self.c2o.close_at, self.o2c.close_at) {
@@ -144,13 +160,18 @@ impl TunnelGuard {
         }
     }
 
-    /// The close code of the first Close frame, whichever side sent it.
+    /// The close code of the first Close frame, whichever side sent it; the edge's when
+    /// it spoke first.
     fn close_code(&self) -> Option<u16> {
+        let c = &self.codes;
+        if c.edge.is_some() {
+            return c.edge;
+        }
         match (self.c2o.close_at, self.o2c.close_at) {
-            (Some(c), Some(o)) if o < c => self.o2c.frames.close_code,
-            (Some(_), _) => self.c2o.frames.close_code,
-            (None, Some(_)) => self.o2c.frames.close_code,
-            (None, None) => None,
+            (Some(a), Some(b)) if b < a => c.origin,
+            (Some(_), _) => c.client,
+            (None, Some(_)) => c.origin,
+            (None, None) => c.edge,
         }
     }
 }

@@ -17,5 +17,6 @@ mod observe;
 mod origin_groups;
 mod origin_tls;
 mod protection;
+mod speaks;
 mod tls;
 mod tunnel;

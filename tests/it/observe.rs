@@ -147,13 +147,15 @@ resources:
         reason_of("/close-me"),
         vec![("origin_closed".to_string(), "4002".to_string())]
     );
+    // The edge ended these two and said so first: its code is the tunnel's (1001 to both
+    // sides at the idle timeout; 1001 to the origin when the client vanished).
     assert_eq!(
         reason_of("/quiet"),
-        vec![("idle_timeout".to_string(), "null".to_string())]
+        vec![("idle_timeout".to_string(), "1001".to_string())]
     );
     assert_eq!(
         reason_of("/drop"),
-        vec![("error".to_string(), "null".to_string())]
+        vec![("error".to_string(), "1001".to_string())]
     );
     for l in tunnel_lines
         .iter()

@@ -7,6 +7,7 @@
 pub mod edge;
 pub mod origin;
 pub mod pki;
+pub mod raw;
 pub mod wire;
 
 pub use edge::*;
