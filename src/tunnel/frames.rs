@@ -106,6 +106,10 @@ struct Limits {
     bucket: Option<Bucket>,
     /// Payload bytes of the data message in progress.
     message_len: u64,
+    /// A data message is in progress (its last frame is yet to come).
+    in_message: bool,
+    /// Under a limit: bytes that are not well-formed WebSocket stop the direction.
+    strict: bool,
     /// The token of the edge's outstanding Ping, whose Pong is taken out.
     expect: Option<[u8; TOKEN_LEN]>,
     /// The payload of a Pong that may carry the token, held until it is whole.
@@ -154,6 +158,8 @@ impl Scanner {
                     last: Instant::now(),
                 }),
                 message_len: 0,
+                in_message: false,
+                strict: rules.max_message.is_some() || rules.rate.is_some(),
                 expect: None,
                 pong: [0; TOKEN_LEN],
                 pong_len: 0,
@@ -168,7 +174,13 @@ impl Scanner {
     /// Whether the bytes handed on so far end at a frame boundary, so a frame of the
     /// edge's own may be written now.
     pub fn at_boundary(&self) -> bool {
-        self.dropping || (!self.lost && self.skip == 0 && self.head_len == 0)
+        if self.dropping {
+            return true;
+        }
+        // Under rules a header is held until it is whole, and so is a Pong that may carry
+        // the token: what was handed on ends before them.
+        let held = self.limits.is_some();
+        !self.lost && ((self.skip == 0 && (self.head_len == 0 || held)) || self.holding_pong)
     }
 
     /// Whether the stream still parses as WebSocket.
@@ -248,7 +260,7 @@ impl Scanner {
                 }
                 continue;
             }
-            if stop_at_boundary && self.at_boundary() {
+            if stop_at_boundary && fed.stop.is_none() && self.at_boundary() {
                 fed.stop = Some(Stop::Boundary);
                 break;
             }
@@ -345,7 +357,8 @@ impl Scanner {
             self.lost = true;
             // Under limits, the direction stops here; otherwise what follows is forwarded
             // as it comes.
-            return match self.limits.is_some() && !self.dropping {
+            let strict = self.limits.as_ref().is_some_and(|l| l.strict);
+            return match strict && !self.dropping {
                 true => Err(Violation::NotWebSocket),
                 false => Ok(Disposition::Forward),
             };
@@ -354,6 +367,15 @@ impl Scanner {
         self.skip = len;
         self.in_close = false;
         if let (Some(l), false) = (self.limits.as_mut(), self.dropping) {
+            // A continuation with no message open, or a new message before the last one
+            // ended (§5.4): an origin should refuse it, but a lenient one would take it
+            // for a new message or part of one, around the limits.
+            if l.strict && !control && (opcode == 0) != l.in_message {
+                return Err(Violation::NotWebSocket);
+            }
+            if !control {
+                l.in_message = !fin;
+            }
             if matches!(opcode, 1 | 2) {
                 if let Some(b) = l.bucket.as_mut() {
                     if !b.take(*now.get_or_insert_with(Instant::now)) {
@@ -803,6 +825,88 @@ mod tests {
         let (got, _, fed) = run(&mut r, &s, 4);
         assert_eq!(got, &s[..ok]);
         assert_eq!(fed.stop, Some(Stop::Violation(Violation::NotWebSocket)));
+    }
+
+    #[test]
+    fn a_violation_is_reported_even_when_a_frame_of_the_edge_waits() {
+        // The header of a too-big frame split over two reads, with a Ping waiting for a
+        // boundary: the violation wins, nothing of the frame is handed on.
+        let rules = Rules {
+            max_message: Some(1000),
+            pongs: true,
+            ..Rules::default()
+        };
+        let big = frame(true, 2, &[0u8; 2000], None);
+        let mut r = Scanner::new(rules);
+        let mut got = Vec::new();
+        let fed = r.feed(&big[..1], true, &mut |b: &[u8]| got.extend_from_slice(b));
+        assert_eq!(
+            fed.stop,
+            Some(Stop::Boundary),
+            "a held header is not handed on"
+        );
+        let fed = r.feed(&big[..1], false, &mut |b: &[u8]| got.extend_from_slice(b));
+        assert_eq!(fed.consumed, 1);
+        assert!(r.at_boundary(), "the held byte is not written");
+        // The Ping may go before the held header; then the header breaks the limit.
+        let fed = r.feed(&big[1..], true, &mut |b: &[u8]| got.extend_from_slice(b));
+        assert_eq!((fed.stop, fed.consumed), (Some(Stop::Boundary), 0));
+        let fed = r.feed(&big[1..], false, &mut |b: &[u8]| got.extend_from_slice(b));
+        assert_eq!(fed.stop, Some(Stop::Violation(Violation::TooBig)));
+        assert!(got.is_empty());
+        // A boundary right after a violation in the same chunk does not hide it.
+        let mut r = Scanner::new(rules);
+        let mut s = frame(true, 1, b"ok", None);
+        s.extend(&big);
+        s.extend(frame(true, 1, b"after", None));
+        let mut stops = Vec::new();
+        let mut rest = &s[..];
+        while !rest.is_empty() {
+            let fed = r.feed(rest, true, &mut |b: &[u8]| got.extend_from_slice(b));
+            stops.push(fed.stop);
+            rest = &rest[fed.consumed..];
+            if fed.stop == Some(Stop::Boundary) {
+                let fed = r.feed(rest, false, &mut |b: &[u8]| got.extend_from_slice(b));
+                stops.push(fed.stop);
+                rest = &rest[fed.consumed..];
+            }
+        }
+        assert!(
+            stops.contains(&Some(Stop::Violation(Violation::TooBig))),
+            "{stops:?}"
+        );
+        assert_eq!(got, frame(true, 1, b"ok", None));
+    }
+
+    #[test]
+    fn under_limits_messages_must_be_framed_as_rfc_6455_says() {
+        let strict = Rules {
+            max_message: Some(1 << 20),
+            ..Rules::default()
+        };
+        // A continuation with no message open.
+        let mut r = Scanner::new(strict);
+        let (got, _, fed) = run(&mut r, &frame(true, 0, b"orphan", None), 64);
+        assert_eq!(fed.stop, Some(Stop::Violation(Violation::NotWebSocket)));
+        assert!(got.is_empty());
+        // A new message before the last one ended.
+        let mut s = frame(false, 1, b"first ", None);
+        let ok = s.len();
+        s.extend(frame(true, 2, b"second", None));
+        let mut r = Scanner::new(strict);
+        let (got, _, fed) = run(&mut r, &s, 5);
+        assert_eq!(got, &s[..ok]);
+        assert_eq!(fed.stop, Some(Stop::Violation(Violation::NotWebSocket)));
+        // With heartbeats only (no limit), a stream that is not WebSocket is relayed.
+        let mut r = Scanner::new(Rules {
+            pongs: true,
+            ..Rules::default()
+        });
+        let mut s = frame(true, 3, b"reserved", None);
+        s.extend(frame(true, 0, b"orphan", None));
+        let (got, _, fed) = run(&mut r, &s, 3);
+        assert_eq!((got, fed.stop), (s, None));
+        assert!(r.stuck());
     }
 
     #[test]

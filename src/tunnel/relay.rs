@@ -168,8 +168,8 @@ struct Half {
     src_done: bool,
     /// A write to the destination failed.
     dst_failed: bool,
-    /// The edge wrote its Close this way.
-    sent_close: bool,
+    /// The code of the Close the edge wrote this way.
+    sent_close: Option<u16>,
 }
 
 impl Half {
@@ -181,7 +181,7 @@ impl Half {
             masked,
             src_done: false,
             dst_failed: false,
-            sent_close: false,
+            sent_close: None,
         }
     }
 
@@ -305,9 +305,9 @@ impl Half {
         self.out.put(cx, dst, &frame[..len])?;
         match c {
             Control::Ping(_) => moved.ping_out = true,
-            Control::Close(..) => {
+            Control::Close(code, _) => {
                 // After its Close nothing more goes this way (§5.5.1).
-                self.sent_close = true;
+                self.sent_close = Some(code);
                 self.scan.seal();
             }
         }
@@ -321,7 +321,11 @@ impl Half {
         let Some((code, say)) = owed else {
             return false;
         };
-        if self.scan.close_forwarded() || self.sent_close || self.dst_failed || self.scan.stuck() {
+        if self.scan.close_forwarded()
+            || self.sent_close.is_some()
+            || self.dst_failed
+            || self.scan.stuck()
+        {
             return false;
         }
         self.inject = Some(Control::Close(code, say));
@@ -355,9 +359,9 @@ struct Ending {
     origin: Owing,
     /// The client's connection is to be shut at once (it is presumed gone).
     shut_client: bool,
-    /// The code of the edge's Close (to the client if it told the client) when it was the
-    /// tunnel's first, for the log.
-    code: Option<u16>,
+    /// No side had sent a Close when the edge decided to end: the edge's, if it writes
+    /// one, is the tunnel's first.
+    first: bool,
 }
 
 /// An open tunnel, as one task. Both directions and the one timer are polled from this
@@ -449,19 +453,15 @@ where
         // Bytes that came with the handshake go first, through the scanners like any
         // other (a frame that breaks a limit among them ends the tunnel at once).
         let [from_client, from_origin] = early;
-        if let Some(b) = from_client {
-            let guard = &mut relay.guard;
-            if let Some(v) = relay.c2o.pass_early(&b, |f| guard.client_to_origin(f)) {
-                relay.begin_end(Cause::Broke(Side::Client, v));
-            }
-        }
-        if let Some(b) = from_origin {
-            let guard = &mut relay.guard;
-            if let Some(v) = relay.o2c.pass_early(&b, |f| guard.origin_to_client(f)) {
-                if relay.ending.is_none() {
-                    relay.begin_end(Cause::Broke(Side::Origin, v));
-                }
-            }
+        let guard = &mut relay.guard;
+        let client_broke =
+            from_client.and_then(|b| relay.c2o.pass_early(&b, |f| guard.client_to_origin(f)));
+        let origin_broke =
+            from_origin.and_then(|b| relay.o2c.pass_early(&b, |f| guard.origin_to_client(f)));
+        match (client_broke, origin_broke) {
+            (Some(v), _) => relay.begin_end(Cause::Broke(Side::Client, v)),
+            (None, Some(v)) => relay.begin_end(Cause::Broke(Side::Origin, v)),
+            (None, None) => {}
         }
         relay
     }
@@ -516,7 +516,10 @@ where
         match end {
             End::Eof | End::ReadError => {
                 self.c2o.src_done = true;
-                match (end, after_close) {
+                // After a Close either way, a side's end without its own is the end of
+                // the closing handshake, not a failure to report.
+                let closing = after_close || self.o2c.scan.close_forwarded();
+                match (end, closing) {
                     (End::Eof, true) => Cause::Done(CloseReason::ClientClosed),
                     (_, true) => Cause::Done(CloseReason::Error),
                     _ => Cause::Ended {
@@ -542,7 +545,8 @@ where
                 if self.client_eof {
                     return Cause::Done(CloseReason::ClientClosed);
                 }
-                match (end, self.o2c.scan.close_forwarded()) {
+                let closing = self.o2c.scan.close_forwarded() || self.c2o.scan.close_forwarded();
+                match (end, closing) {
                     (End::Eof, true) => Cause::Done(CloseReason::OriginClosed),
                     (_, true) => Cause::Done(CloseReason::Error),
                     _ => Cause::Ended {
@@ -645,6 +649,12 @@ where
                 Side::Client => (&mut self.o2c, &mut self.c2o),
                 Side::Origin => (&mut self.c2o, &mut self.o2c),
             };
+            // While what the side sent waits for the other side to take it, the side is
+            // not read: its silence (and its Pong's) is the other side's doing. The stall
+            // rule (idle_timeout) covers that.
+            if !from.out.empty() {
+                beat.heard(now);
+            }
             if closing || toward.scan.lost() || from.scan.lost() {
                 beat.stop();
                 continue;
@@ -683,21 +693,21 @@ where
             self.c2o.scan.seal();
             self.o2c.src_done = true;
         }
-        // The edge's code, for the log, when its Close is the tunnel's first.
         let first = !(self.c2o.scan.close_seen() || self.o2c.scan.close_seen());
-        let code = match (client, origin) {
-            _ if !first => None,
-            (Owing::Waiting, _) => plan.to_client.map(|(code, _)| code),
-            (_, Owing::Waiting) => plan.to_origin.map(|(code, _)| code),
-            _ => None,
-        };
+        // Nothing is written toward a side that is cut, a Ping that waited included.
+        if plan.cut_client {
+            self.o2c.inject = None;
+        }
+        if plan.cut_origin {
+            self.c2o.inject = None;
+        }
         self.ending = Some(Box::new(Ending {
             reason: plan.reason,
             boundary_until: Instant::now() + CLOSE_FRAME_WAIT,
             client,
             origin,
             shut_client: plan.cut_client,
-            code,
+            first,
         }));
     }
 
@@ -712,10 +722,9 @@ where
                 e.shut_client = false;
             }
             if e.client == Owing::Done && e.origin == Owing::Done {
-                return match e.shut_client {
-                    true => Poll::Pending,
-                    false => Poll::Ready(()),
-                };
+                // A cut client's close_notify that did not go out yet is left to the
+                // closing phase, which bounds it.
+                return Poll::Ready(());
             }
             let guard = &mut self.guard;
             let mut moved = Moved::default();
@@ -794,7 +803,7 @@ impl Owing {
     /// the direction from it.
     fn step(self, toward: &mut Half, from: &Half, boundary_until: Instant, now: Instant) -> Owing {
         match self {
-            Owing::Waiting if toward.sent_close && toward.out.empty() => Owing::Sent(now),
+            Owing::Waiting if toward.sent_close.is_some() && toward.out.empty() => Owing::Sent(now),
             // The frame in progress never ends (its source ended, or is not WebSocket),
             // or not in time, or the side is gone: it is cut without a Close.
             Owing::Waiting
@@ -836,11 +845,16 @@ where
             if this.poll_ending(cx).is_pending() {
                 return Poll::Pending;
             }
-            let (reason, code) = this
+            let (reason, first) = this
                 .ending
                 .take()
-                .map_or((CloseReason::Error, None), |e| (e.reason, e.code));
-            let codes = this.codes(code);
+                .map_or((CloseReason::Error, false), |e| (e.reason, e.first));
+            // The edge's code for the log: the one it wrote to the client, else to the
+            // origin, when its Close was the tunnel's first.
+            let edge = first
+                .then(|| this.o2c.sent_close.or(this.c2o.sent_close))
+                .flatten();
+            let codes = this.codes(edge);
             this.guard.finish(reason, codes);
             this.closing = true;
             this.timer.as_mut().reset(Instant::now() + CLOSE_WAIT);
@@ -1040,6 +1054,42 @@ mod tests {
     /// The client's Pong to `token`, masked.
     fn masked_pong(token: &[u8]) -> Vec<u8> {
         masked(0xA, token, [0x11, 0x22, 0x33, 0x44])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_held_back_by_an_origin_that_does_not_read_is_not_timed_out() {
+        // The origin reads nothing: the client's bytes (and its Pongs) wait in the edge,
+        // unread. That is the origin's stall, ended at the idle timeout, not the client's
+        // heartbeat.
+        let s = relay_with(
+            "idle_timeout: 30s, heartbeat: { interval: 1s, timeout: 1s }",
+            1 << 16,
+            4096,
+        );
+        let started = Instant::now();
+        let task = tokio::spawn(s.relay);
+        let mut client = s.client;
+        let writer = tokio::spawn(async move {
+            let f = frame(&"x".repeat(100), true);
+            for _ in 0..2000 {
+                if client.write_all(&f).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        task.await.unwrap();
+        let lasted = started.elapsed();
+        assert!(lasted >= Duration::from_secs(30), "{lasted:?}");
+        assert_eq!(closed(&s.stats, "heartbeat_timeout"), 0);
+        assert_eq!(
+            closed(&s.stats, "idle_timeout") + closed(&s.stats, "error"),
+            1,
+            "{}",
+            s.stats.prometheus_text()
+        );
+        writer.abort();
+        drop(s.origin);
     }
 
     #[tokio::test(start_paused = true)]

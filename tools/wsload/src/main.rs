@@ -120,9 +120,35 @@ async fn origin(addr: &str) {
                 while ws.send(m.clone()).await.is_ok() {}
                 return;
             }
-            while let Some(Ok(m)) = ws.next().await {
-                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                    return;
+            loop {
+                match ws.next().await {
+                    Some(Ok(m)) => {
+                        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A client that breaks the protocol: the connection is failed with a
+                    // Close that says why (RFC 6455 §7.1.7), as a good origin does, rather
+                    // than just dropped (through wsedge a dropped connection is reported
+                    // to the client as 1014, "bad gateway").
+                    Some(Err(e)) => {
+                        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+                        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+                        use tokio_tungstenite::tungstenite::Error;
+                        let code = match e {
+                            Error::Utf8 => CloseCode::Invalid,
+                            Error::Capacity(_) => CloseCode::Size,
+                            Error::Protocol(_) => CloseCode::Protocol,
+                            _ => return,
+                        };
+                        let frame = CloseFrame {
+                            code,
+                            reason: "".into(),
+                        };
+                        let _ = ws.close(Some(frame)).await;
+                        return;
+                    }
+                    None => return,
                 }
             }
         });
