@@ -16,18 +16,19 @@
 mod relay;
 
 use futures_util::{SinkExt, StreamExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// Every network wait of the generator is bounded by this.
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--hold SECS] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
     std::process::exit(2)
 }
 
@@ -473,7 +474,7 @@ async fn handshakes(
 
 /// Opens idle tunnels up to each step and reports the processes' RSS after each, as JSON
 /// lines: memory per idle tunnel is (rss - baseline) / tunnels.
-async fn idle(url: &str, steps: &[u64], pids: &[u64]) {
+async fn idle(url: &str, steps: &[u64], pids: &[u64], hold: u64) {
     let settle = || tokio::time::sleep(Duration::from_millis(1500));
     settle().await;
     let base = rss_kib(pids);
@@ -498,6 +499,61 @@ async fn idle(url: &str, steps: &[u64], pids: &[u64]) {
             "{{\"tunnels\":{step},\"rss_kib\":{rss},\"kib_per_tunnel\":{:.1}}}",
             rss.saturating_sub(base) as f64 / step as f64
         );
+    }
+    if hold > 0 {
+        hold_idle(open, pids, base, hold).await;
+    }
+}
+
+/// Keeps idle tunnels open for `hold` seconds, each read by a task of its own so that a
+/// Ping from the proxy is answered (tungstenite answers as it reads), and prints the
+/// proxy's CPU over that time, the pings the clients got, and tunnels that closed.
+async fn hold_idle<S>(open: Vec<WebSocketStream<S>>, pids: &[u64], base: u64, hold: u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let tunnels = open.len() as u64;
+    let pings = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_of(pids);
+    let started = Instant::now();
+    let readers: Vec<_> = open
+        .into_iter()
+        .map(|mut ws| {
+            let (pings, closed) = (pings.clone(), closed.clone());
+            tokio::spawn(async move {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Ping(_))) => {
+                            pings.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(Ok(_)) => {}
+                        _ => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let held = started.elapsed().as_secs_f64();
+    let cpu_s = match (cpu0, cpu_of(pids)) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6,
+        _ => 0.0,
+    };
+    let rss = rss_kib(pids);
+    // CPU per tunnel-hour: the proxy's CPU over the hold, per tunnel, scaled to an hour.
+    println!(
+        "{{\"held_s\":{held:.1},\"tunnels\":{tunnels},\"pings\":{},\"closed\":{},\"cpu_s\":{cpu_s:.3},\"cpu_ms_per_tunnel_hour\":{:.4},\"rss_kib\":{rss},\"kib_per_tunnel\":{:.1}}}",
+        pings.load(Ordering::Relaxed),
+        closed.load(Ordering::Relaxed),
+        cpu_s * 1e3 / tunnels.max(1) as f64 * 3600.0 / held,
+        rss.saturating_sub(base) as f64 / tunnels.max(1) as f64
+    );
+    for r in readers {
+        r.abort();
     }
 }
 
@@ -538,7 +594,7 @@ fn main() {
                 .split(',')
                 .filter_map(|v| v.parse().ok())
                 .collect();
-            rt.block_on(idle(url, &steps, &pids(&args)))
+            rt.block_on(idle(url, &steps, &pids(&args), flag(&args, "--hold", 0)))
         }
         Some("stats-query") => stats_query(),
         Some("stalled") => {
