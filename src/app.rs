@@ -5,8 +5,10 @@
 use crate::config::Config;
 use crate::observe::access_log::{error_log_dropped, AccessLog, ErrorLog, LineWriter};
 use crate::observe::metrics::EdgeStats;
-use crate::ops::reload::Reloader;
+use crate::ops::drain::{DrainOnShutdown, OnDrained};
+use crate::ops::reload::{drain_settings, Reloader};
 use crate::ops::{admin, ready, services};
+use crate::policy::drain::Drain;
 use crate::request::header_guard::HeaderGuard;
 use crate::request::proxy::EdgeProxy;
 use crate::sites::router::{Lasting, Router, SharedRouter};
@@ -119,6 +121,7 @@ pub struct Edge {
     access_log: Arc<AccessLog>,
     reloader: Arc<Reloader>,
     services: Vec<Box<dyn ServiceWithDependents>>,
+    on_drained: Option<OnDrained>,
 }
 
 impl Edge {
@@ -127,6 +130,7 @@ impl Edge {
     pub fn build(config: Config, server_conf: &Arc<ServerConf>) -> Result<Edge, RunError> {
         let stats = Arc::new(EdgeStats::default());
         let lasting = Arc::new(Lasting::new(stats.clone()));
+        lasting.drain.set_settings(drain_settings(&config));
         let router = build_router(&config, &lasting)?;
         let access_log =
             AccessLog::open(&config.access_log, stats.access_log_dropped()).map_err(|source| {
@@ -147,6 +151,7 @@ impl Edge {
             access_log,
             reloader,
             services: Vec::new(),
+            on_drained: None,
         };
         edge.add_listeners(server_conf)?;
         let (router, stats, reloader) = (edge.router.clone(), stats, edge.reloader.clone());
@@ -176,7 +181,8 @@ impl Edge {
         let proxy = EdgeProxy::new(self.router.clone(), self.lasting.stats.clone())
             .with_access_log(self.access_log.clone())
             .with_metrics(config.metrics)
-            .with_unbuffered_listeners(true);
+            .with_unbuffered_listeners(true)
+            .with_drain(self.lasting.drain.clone());
         let mut http = pingora::proxy::http_proxy(server_conf, proxy);
         // An HTTP/2 connection without a stream is closed after the keep-alive timeout, its
         // header blocks are held to the HTTP/1.1 limit (431), and an HTTP/1.1 connection
@@ -235,6 +241,7 @@ impl Edge {
         let app = admin::Admin {
             stats: self.lasting.stats.clone(),
             reloader: self.reloader.clone(),
+            drain: self.lasting.drain.clone(),
         };
         let mut service = Service::new("wsedge admin".into(), HttpServer::new_app(app));
         service.add_tcp(&self.config.admin.addr.to_string());
@@ -257,17 +264,45 @@ impl Edge {
         &self.access_log
     }
 
-    /// Adds every service of the edge to `server`.
-    pub fn add_to(self, server: &mut Server) {
+    /// The edge's drain (start one with `drain().start(..)`, as `POST /drain` does).
+    pub fn drain(&self) -> &Arc<Drain> {
+        &self.lasting.drain
+    }
+
+    /// Calls `f` once a stopping server (SIGTERM, or the old process of an upgrade) has no
+    /// tunnel and no request left, instead of letting it wait out Pingora's whole grace
+    /// period: the binary flushes its logs and exits there.
+    pub fn on_drained(mut self, f: impl Fn() + Send + Sync + 'static) -> Edge {
+        self.on_drained = Some(Arc::new(f));
+        self
+    }
+
+    /// Adds every service of the edge to `server`, with the drain at its shutdown: the
+    /// tunnels are told to go over `drain.spread` once the listeners are closed or handed
+    /// over.
+    pub fn add_to(mut self, server: &mut Server) {
+        self.services.push(Box::new(background_service(
+            "drain at shutdown",
+            DrainOnShutdown::new(
+                self.lasting.drain.clone(),
+                self.lasting.stats.clone(),
+                server.watch_execution_phase(),
+                self.on_drained.take(),
+            ),
+        )));
         server.add_services(self.services);
     }
 }
+
+/// The process's own log once [`init_logging`] set it up (flushed before an exit).
+static ERRORS: std::sync::OnceLock<Arc<LineWriter>> = std::sync::OnceLock::new();
 
 /// The process's own log (`log`/`env_logger`, Pingora's included) on stderr through a
 /// bounded queue, so a stalled reader never stops the proxy (lines are dropped and
 /// counted instead). Returns the writer, to flush at exit.
 pub fn init_logging() -> Arc<LineWriter> {
     let errors = Arc::new(LineWriter::stderr(error_log_dropped().clone()));
+    let _ = ERRORS.set(errors.clone());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Pipe(Box::new(ErrorLog(errors.clone()))))
         .init();
@@ -315,8 +350,24 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let mut server = Server::new_with_opt_and_conf(pingora_opt, server_conf(&config));
     server.bootstrap();
     let readiness = Readiness::of(&config, demo_addr);
+    #[cfg(feature = "demo")]
+    let first = config.resources[0].name.clone();
     let edge = Edge::build(config, &server.configuration)?.with_admin();
+    #[cfg(feature = "demo")]
+    if demo_addr.is_some() {
+        crate::demo::show_stats(edge.stats().resource(&first));
+    }
     let access_log = edge.access_log().clone();
+    let last_lines = access_log.clone();
+    // A stopping wsedge exits as soon as nothing is left, its lines written: Pingora
+    // would wait out its whole grace period (300 s by default) with nothing open.
+    let edge = edge.on_drained(move || {
+        last_lines.flush(Duration::from_secs(5));
+        if let Some(errors) = ERRORS.get() {
+            errors.flush(Duration::from_secs(2));
+        }
+        std::process::exit(0);
+    });
     edge.add_to(&mut server);
     std::thread::spawn(move || readiness.announce());
     server.run(RunArgs::default());

@@ -1,31 +1,84 @@
 //! A small origin for trying wsedge: a WebSocket echo on every path, and on plain `GET /`
-//! a page that opens a WebSocket back through the edge so a person can try it in a browser.
+//! a page that opens a WebSocket back through the edge so a person can try it in a
+//! browser: it reconnects with jittered backoff when its socket closes, prints each close
+//! code and reason, and shows the edge's counters for its resource (`GET /__wsedge/stats`,
+//! answered from the edge's own counters, since the demo origin runs in its process).
 
+use crate::observe::metrics::ResourceStats;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PAGE: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>wsedge demo</title>
-<style>body{font:16px system-ui;margin:2em;max-width:40em}#log{white-space:pre-wrap;border:1px solid #ccc;padding:.5em;min-height:8em}</style>
+<style>body{font:16px system-ui;margin:2em;max-width:46em}#log{white-space:pre-wrap;border:1px solid #ccc;padding:.5em;min-height:8em;max-height:24em;overflow:auto}
+#edge{border:1px solid #ccc;padding:.5em;margin:1em 0}#edge td{padding:0 1em 0 0}</style>
 </head><body>
 <h1>wsedge demo</h1>
 <p>This page came from the demo origin through the edge. The box below shows a WebSocket
-opened to <code id="url"></code>, through the edge, to the origin's echo.</p>
+opened to <code id="url"></code>, through the edge, to the origin's echo. When it closes
+(a drain with <code>curl -X POST http://127.0.0.1:9090/drain</code>, a reload turning
+WebSocket off, the origin stopped), the page prints the close code and reason and
+reconnects with jittered backoff.</p>
 <form id="f"><input id="msg" value="hello through the edge" size="40"> <button>Send</button></form>
+<div id="edge"><b>The edge, for this resource</b> (refreshed every second)
+<table><tr><td>tunnels open</td><td id="open">?</td></tr>
+<tr><td>messages client → origin</td><td id="c2o">?</td></tr>
+<tr><td>messages origin → client</td><td id="o2c">?</td></tr>
+<tr><td>closes by reason</td><td id="closed">?</td></tr></table></div>
 <div id="log"></div>
 <script>
 const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
 document.getElementById("url").textContent = url;
-const log = (t) => { document.getElementById("log").textContent += t + "\n"; };
-const ws = new WebSocket(url);
-ws.onopen = () => { log("open"); ws.send("hello from the page"); };
-ws.onmessage = (e) => log("echo: " + e.data);
-ws.onclose = (e) => log("closed: " + e.code + " " + e.reason);
-document.getElementById("f").onsubmit = (e) => { e.preventDefault(); ws.send(document.getElementById("msg").value); };
+const box = document.getElementById("log");
+const log = (t) => { box.textContent += new Date().toLocaleTimeString() + "  " + t + "\n"; box.scrollTop = box.scrollHeight; };
+const meaning = {1000: "normal", 1001: "going away", 1006: "no Close frame: the connection dropped",
+  1008: "policy", 1009: "message too big", 1011: "server error", 1012: "service restart",
+  1013: "try again later", 1014: "bad gateway: the origin failed"};
+let ws = null, failures = 0;
+function connect() {
+  ws = new WebSocket(url);
+  ws.onopen = () => { failures = 0; log("open"); ws.send("hello from the page"); };
+  ws.onmessage = (e) => log("echo: " + e.data);
+  ws.onclose = (e) => {
+    // Full jitter: a random wait up to 0.5 s × 2^failures, at most 30 s, so that many
+    // pages closed together do not come back together.
+    const wait = Math.random() * Math.min(30000, 500 * 2 ** failures++);
+    log("closed: " + e.code + " " + (e.reason || "(no reason)") + " — " + (meaning[e.code] || "") +
+        "; reconnecting in " + (wait / 1000).toFixed(1) + " s");
+    setTimeout(connect, wait);
+  };
+}
+connect();
+document.getElementById("f").onsubmit = (e) => {
+  e.preventDefault();
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(document.getElementById("msg").value);
+  else log("not connected: waiting to reconnect");
+};
+async function refresh() {
+  try {
+    const s = await (await fetch("/__wsedge/stats", {cache: "no-store"})).json();
+    document.getElementById("open").textContent = s.tunnels_open;
+    document.getElementById("c2o").textContent = s.messages_client_to_origin;
+    document.getElementById("o2c").textContent = s.messages_origin_to_client;
+    document.getElementById("closed").textContent =
+      Object.entries(s.closed).map(([k, v]) => k + ": " + v).join(", ") || "none yet";
+  } catch (e) { document.getElementById("open").textContent = "(the edge did not answer)"; }
+}
+refresh(); setInterval(refresh, 1000);
 </script></body></html>
 "#;
+
+/// The counters the page's panel shows: the demo resource's, set once the edge is built
+/// (the demo origin runs in the edge's process).
+static STATS: OnceLock<Arc<ResourceStats>> = OnceLock::new();
+
+/// Lets the page show `stats` (the counters of the resource the demo origin serves).
+pub fn show_stats(stats: Arc<ResourceStats>) {
+    let _ = STATS.set(stats);
+}
 
 /// Serves the demo origin on `listener` until the process ends.
 pub async fn serve(listener: TcpListener) {
@@ -87,9 +140,17 @@ async fn handle(stream: TcpStream) -> Result<(), Box<dyn std::error::Error + Sen
         }
         got += n;
     }
+    let (kind, body) = if text.starts_with("get /__wsedge/stats ") {
+        let stats = STATS
+            .get()
+            .map_or_else(|| "{}".to_string(), |s| s.summary_json());
+        ("application/json", stats)
+    } else {
+        ("text/html; charset=utf-8", PAGE.to_string())
+    };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{PAGE}",
-        PAGE.len()
+        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(resp.as_bytes()).await?;
     stream.shutdown().await?;

@@ -8,8 +8,8 @@ use super::file::{
     FileConfig, RateFile, ResourceFile, ResourceType, Switch, TlsFile, WebSocketFile,
 };
 use super::{
-    AccessLogTarget, Admin, Certificate, ClientLimits, Config, HealthCheck, Heartbeat, Listen,
-    Origin, OriginCa, Rate, Resource, Server, WebSocket,
+    AccessLogTarget, Admin, Certificate, ClientLimits, Config, DrainSettings, HealthCheck,
+    Heartbeat, Listen, Origin, OriginCa, Rate, Resource, Server, WebSocket,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -95,6 +95,7 @@ impl Builder<'_> {
             admin: self.admin(&f)?,
             metrics: f.metrics.unwrap_or(true),
             client: client(&f),
+            drain: self.drain(&f)?,
             access_log: match f.access_log.as_deref() {
                 None | Some("stdout") => AccessLogTarget::Stdout,
                 Some("off") => AccessLogTarget::Off,
@@ -140,6 +141,42 @@ impl Builder<'_> {
                 format!("Pingora rejects this section: {e}; see Pingora's ServerConf keys"),
             )),
         }
+    }
+
+    /// `drain:`, held to Pingora's grace period: the window and the closing handshakes
+    /// after it must end before the grace period does, or the last tunnels would be cut
+    /// without a Close frame.
+    fn drain(&self, f: &FileConfig) -> Result<DrainSettings, ConfigError> {
+        let grace = f
+            .pingora
+            .as_ref()
+            .and_then(|p| p.get("grace_period_seconds"))
+            .and_then(serde_yaml::Value::as_u64)
+            .map_or(super::PINGORA_GRACE_PERIOD, std::time::Duration::from_secs);
+        let room = grace.saturating_sub(super::DRAIN_CLOSING);
+        let spread = match &f.drain.spread {
+            None => super::DEFAULT_DRAIN_SPREAD.min(room),
+            Some(s) if s.0 > room => {
+                return Err(self.invalid(
+                    None,
+                    "drain.spread".into(),
+                    "spread:",
+                    0,
+                    format!(
+                        "a spread of {}s and the closing handshakes after it ({}s) do not fit in Pingora's grace period ({}s, pingora.grace_period_seconds): the last tunnels would be cut without a Close frame; lower the spread to at most {}s or raise the grace period",
+                        s.0.as_secs_f64(),
+                        super::DRAIN_CLOSING.as_secs(),
+                        grace.as_secs(),
+                        room.as_secs()
+                    ),
+                ))
+            }
+            Some(s) => s.0,
+        };
+        Ok(DrainSettings {
+            spread,
+            close_code: f.drain.close_code.map_or(1001, |c| c.0),
+        })
     }
 
     /// A certificate chain and key; an expired one is a warning (clients will say so).

@@ -30,7 +30,36 @@ pub struct FileConfig {
     pub client: ClientFile,
     #[serde(default)]
     pub defaults: DefaultsFile,
+    /// How open tunnels are told to go at shutdown, upgrade and `POST /drain`.
+    #[serde(default)]
+    pub drain: DrainFile,
     pub resources: Vec<ResourceFile>,
+}
+
+/// `drain: { spread: 30s, close_code: 1001 }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainFile {
+    pub spread: Option<SpreadDuration>,
+    pub close_code: Option<CloseCode>,
+}
+
+/// The code of the edge's Close frames in a drain: one an endpoint may send (RFC 6455
+/// §7.4.1: 1000, 1001, 1012 service restart, 1013 try again later; 3000-4999 for
+/// applications), never one that means a failure or that only a library may report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseCode(pub u16);
+
+impl<'de> Deserialize<'de> for CloseCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        match v {
+            1000 | 1001 | 1012 | 1013 | 3000..=4999 => Ok(CloseCode(v as u16)),
+            _ => Err(de::Error::custom(format!(
+                "close code {v} is not one a drain may send: use 1001 (going away, the default), 1012 (service restart), 1013 (try again later), 1000, or an application's code from 3000 to 4999"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -467,6 +496,24 @@ parsed_string!(
     /// A duration written as `500ms`, `60s`, `5m` or `1h`.
     DurationStr(Duration) = parse_duration
 );
+parsed_string!(
+    /// A drain's spread: `0` (every tunnel told at once), or a duration of at most 1h.
+    SpreadDuration(Duration) = parse_spread
+);
+
+fn parse_spread(s: &str) -> Result<Duration, String> {
+    if matches!(s.trim(), "0" | "0s" | "0ms") {
+        return Ok(Duration::ZERO);
+    }
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!(
+            "spread \"{s}\" is too long: at most 1h (the process waits for the last tunnel)"
+        ));
+    }
+    Ok(d)
+}
+
 parsed_string!(
     /// A socket address `ip:port`.
     Addr(SocketAddr) = parse_addr

@@ -45,6 +45,8 @@ pub struct Config {
     pub access_log: AccessLogTarget,
     /// Limits on client requests.
     pub client: ClientLimits,
+    /// How open tunnels are told to go at shutdown, upgrade and `POST /drain`.
+    pub drain: DrainSettings,
     /// The CDN resources, in file order.
     pub resources: Vec<Arc<Resource>>,
     /// The certificate for TLS clients whose SNI matches no resource.
@@ -203,6 +205,25 @@ pub struct Heartbeat {
 
 /// The heartbeat timeout when only the interval is given.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `drain:`: each open tunnel gets a Close frame with `close_code`, each at a moment drawn
+/// uniformly over `spread`, so that clients reconnect spread over it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// The window (zero: all at once).
+    pub spread: Duration,
+    /// The code of the Close frames.
+    pub close_code: u16,
+}
+
+/// The drain's window when not configured: 30 s, or less when Pingora's grace period
+/// leaves less (see [`DRAIN_CLOSING`]).
+pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(30);
+/// What the last tunnels of a drain need after its window, within Pingora's grace period:
+/// a frame boundary (up to 1 s), the closing handshake (up to 1 s), and a second to spare.
+pub const DRAIN_CLOSING: Duration = Duration::from_secs(3);
+/// Pingora's grace period when `pingora.grace_period_seconds` is not set.
+pub const PINGORA_GRACE_PERIOD: Duration = Duration::from_secs(300);
 
 /// Limits on what clients send before their request is known.
 #[derive(Debug, Clone, Copy)]

@@ -131,6 +131,8 @@ pub enum HandshakeOutcome {
     OverCapacity,
     /// The client is at `max_connections_per_ip` (429).
     ClientOverCapacity,
+    /// The edge is draining (503).
+    Draining,
     /// A method the edge does not proxy (405).
     MethodNotAllowed,
     /// No server of the origin group could be reached (502).
@@ -145,7 +147,7 @@ pub enum HandshakeOutcome {
 
 impl HandshakeOutcome {
     /// Every outcome.
-    pub const ALL: [HandshakeOutcome; 19] = [
+    pub const ALL: [HandshakeOutcome; 20] = [
         HandshakeOutcome::Ok,
         HandshakeOutcome::Malformed,
         HandshakeOutcome::BadVersion,
@@ -160,6 +162,7 @@ impl HandshakeOutcome {
         HandshakeOutcome::RateLimited,
         HandshakeOutcome::OverCapacity,
         HandshakeOutcome::ClientOverCapacity,
+        HandshakeOutcome::Draining,
         HandshakeOutcome::MethodNotAllowed,
         HandshakeOutcome::OriginUnreachable,
         HandshakeOutcome::OriginTimeout,
@@ -184,6 +187,7 @@ impl HandshakeOutcome {
             HandshakeOutcome::RateLimited => "rate_limited",
             HandshakeOutcome::OverCapacity => "over_capacity",
             HandshakeOutcome::ClientOverCapacity => "client_over_capacity",
+            HandshakeOutcome::Draining => "draining",
             HandshakeOutcome::MethodNotAllowed => "method_not_allowed",
             HandshakeOutcome::OriginUnreachable => "origin_unreachable",
             HandshakeOutcome::OriginTimeout => "origin_timeout",

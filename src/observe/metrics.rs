@@ -24,6 +24,7 @@ struct Families {
     messages: IntCounterVec,
     closed: IntCounterVec,
     heartbeats: IntCounterVec,
+    drained: IntCounterVec,
     http_responses: IntCounterVec,
     reloads: IntCounterVec,
     access_log_dropped: IntCounter,
@@ -84,6 +85,11 @@ impl Families {
                 "wsedge_ws_heartbeats_total",
                 "The edge's heartbeat pings on tunnels, by peer and result.",
                 &["resource", "peer", "result"],
+            )?,
+            drained: counter(
+                "wsedge_ws_drained_total",
+                "Tunnels told to go by a drain (shutdown, upgrade or POST /drain).",
+                &["resource"],
             )?,
             http_responses: counter(
                 "wsedge_http_responses_total",
@@ -187,6 +193,40 @@ impl ResourceStats {
             .inc();
     }
 
+    /// The resource's tunnels at a glance, as JSON: open now, messages each way, and
+    /// closes by reason (the demo page's live panel).
+    pub fn summary_json(&self) -> String {
+        let mut closed = String::new();
+        for r in CloseReason::ALL {
+            let n = self
+                .families
+                .closed
+                .with_label_values(&[self.name.as_str(), r.as_str()])
+                .get();
+            if n > 0 {
+                if !closed.is_empty() {
+                    closed.push(',');
+                }
+                closed.push_str(&format!("\"{}\":{n}", r.as_str()));
+            }
+        }
+        format!(
+            "{{\"resource\":\"{}\",\"tunnels_open\":{},\"messages_client_to_origin\":{},\"messages_origin_to_client\":{},\"closed\":{{{closed}}}}}",
+            self.name,
+            self.tunnels_open.get(),
+            self.messages_c2o.get(),
+            self.messages_o2c.get()
+        )
+    }
+
+    /// A tunnel was told to go by a drain.
+    pub fn drained(&self) {
+        self.families
+            .drained
+            .with_label_values(&[self.name.as_str()])
+            .inc();
+    }
+
     /// A tunnel closed after `seconds`.
     pub fn tunnel_closed(&self, reason: CloseReason, seconds: f64) {
         self.tunnels_open.dec();
@@ -206,6 +246,18 @@ pub struct EdgeStats {
     registry: Registry,
     families: Families,
     resources: Mutex<HashMap<String, Arc<ResourceStats>>>,
+    /// Client connections being served (a tunnel's leaves this count at its 101).
+    connections: Arc<AtomicU64>,
+}
+
+/// A client connection being served; counted in [`EdgeStats::connections`] until dropped.
+#[derive(Debug)]
+pub struct Serving(Arc<AtomicU64>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Default for EdgeStats {
@@ -218,6 +270,7 @@ impl Default for EdgeStats {
             registry,
             families,
             resources: Mutex::default(),
+            connections: Arc::default(),
         }
     }
 }
@@ -247,6 +300,18 @@ impl EdgeStats {
                 })
             })
             .clone()
+    }
+
+    /// Counts a client connection until the returned guard is dropped.
+    pub fn serving(&self) -> Serving {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Serving(self.connections.clone())
+    }
+
+    /// Client connections being served now (requests in progress or awaited; tunnels
+    /// are counted apart).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Tunnels open now, all resources.

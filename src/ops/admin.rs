@@ -1,4 +1,5 @@
-//! The admin listener: `GET /healthz`, `GET /metrics`, `GET /stats`, `POST /reload`.
+//! The admin listener: `GET /healthz`, `GET /metrics`, `GET /stats`, `POST /reload`,
+//! `POST /drain` and `POST /drain/cancel`.
 //! Loopback by default. A web page must not be able to reach it through the browser of
 //! someone on the host: requests that carry a foreign `Origin` (cross-site requests) or a
 //! Host that is not an IP address, `localhost` or one of `admin.hostnames` (DNS rebinding)
@@ -9,6 +10,7 @@ use super::reload::Reloader;
 use crate::observe::access_log::json_str;
 use crate::observe::metrics::EdgeStats;
 use crate::observe::time::rfc3339;
+use crate::policy::drain::{CancelError, Drain, Kind};
 use crate::syntax::host::valid_host;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -23,9 +25,12 @@ pub struct Admin {
     pub stats: Arc<EdgeStats>,
     /// The reloader behind `/reload`.
     pub reloader: Arc<Reloader>,
+    /// The edge's drain, behind `/drain` and `/drain/cancel`.
+    pub drain: Arc<Drain>,
 }
 
-const ROUTES: &str = "GET /healthz, GET /metrics, GET /stats, POST /reload\n";
+const ROUTES: &str =
+    "GET /healthz, GET /metrics, GET /stats, POST /reload, POST /drain, POST /drain/cancel\n";
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u8>> {
     Response::builder()
@@ -39,16 +44,34 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u
 }
 
 impl Admin {
+    /// 200 `ok`, or 503 `draining` while a drain runs (a load balancer or a readiness
+    /// probe then takes the edge out), with the tunnels still open.
     fn healthz(&self) -> Response<Vec<u8>> {
-        let mut b = String::with_capacity(256);
+        let mut b = String::with_capacity(320);
+        let order = self.drain.order();
         let _ = write!(
             b,
-            "{{\"status\":\"ok\",\"version\":\"{}\",\"uptime_seconds\":{},\"resources\":{},\"tunnels_open\":{},\"last_reload\":",
+            "{{\"status\":\"{}\",\"version\":\"{}\",\"uptime_seconds\":{},\"resources\":{},\"tunnels_open\":{},",
+            if order.is_some() { "draining" } else { "ok" },
             env!("CARGO_PKG_VERSION"),
             self.stats.uptime_seconds(),
             self.reloader.resources_count(),
             self.stats.tunnels_open()
         );
+        match order {
+            None => b.push_str("\"drain\":null,"),
+            Some(o) => {
+                let _ = write!(
+                    b,
+                    "\"drain\":{{\"by\":\"{}\",\"seconds_since_start\":{:.1},\"spread_seconds\":{:.1},\"close_code\":{}}},",
+                    o.kind.as_str(),
+                    o.started.elapsed().as_secs_f64(),
+                    o.spread.as_secs_f64(),
+                    o.close_code
+                );
+            }
+        }
+        b.push_str("\"last_reload\":");
         match self.reloader.last() {
             None => b.push_str("null"),
             Some(r) => {
@@ -60,7 +83,59 @@ impl Admin {
             }
         }
         b.push_str("}\n");
-        reply(StatusCode::OK, "application/json", b)
+        let status = match order {
+            None => StatusCode::OK,
+            Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        reply(status, "application/json", b)
+    }
+
+    /// `POST /drain`: every open tunnel is told to go over the spread, upgrades get 503,
+    /// `/healthz` 503; the listeners stay open.
+    fn drain(&self) -> Response<Vec<u8>> {
+        let open = self.stats.tunnels_open();
+        let (status, message) = match self.drain.start(Kind::Admin) {
+            true => {
+                let spread = self.drain.order().map_or(0.0, |o| o.spread.as_secs_f64());
+                log::info!("POST /drain: {open} tunnels are told to go over {spread}s");
+                (
+                    StatusCode::ACCEPTED,
+                    format!("draining: {open} tunnels are told to go over {spread}s; upgrades get 503 until POST /drain/cancel"),
+                )
+            }
+            false => (
+                StatusCode::OK,
+                format!("already draining ({open} tunnels open)"),
+            ),
+        };
+        let mut b = "{\"ok\":true,\"message\":".to_string();
+        json_str(&mut b, &message);
+        b.push_str("}\n");
+        reply(status, "application/json", b)
+    }
+
+    /// `POST /drain/cancel`: upgrades are served again; tunnels not yet told stay open.
+    fn cancel_drain(&self) -> Response<Vec<u8>> {
+        let (status, ok, message) = match self.drain.cancel() {
+            Ok(()) => {
+                log::info!("POST /drain/cancel: serving upgrades again");
+                (
+                    StatusCode::OK,
+                    true,
+                    "drain cancelled: serving upgrades again",
+                )
+            }
+            Err(CancelError::NotDraining) => (StatusCode::CONFLICT, false, "no drain runs"),
+            Err(CancelError::Stopping) => (
+                StatusCode::CONFLICT,
+                false,
+                "the process is stopping (SIGTERM or an upgrade): its drain cannot be cancelled",
+            ),
+        };
+        let mut b = format!("{{\"ok\":{ok},\"message\":");
+        json_str(&mut b, message);
+        b.push_str("}\n");
+        reply(status, "application/json", b)
     }
 
     async fn reload(&self) -> Response<Vec<u8>> {
@@ -185,7 +260,9 @@ impl ServeHttp for Admin {
                 reply(status, "application/json", body)
             }
             (Method::POST, "/reload") => self.reload().await,
-            (_, "/healthz" | "/metrics" | "/stats" | "/reload") => {
+            (Method::POST, "/drain") => self.drain(),
+            (Method::POST, "/drain/cancel") => self.cancel_drain(),
+            (_, "/healthz" | "/metrics" | "/stats" | "/reload" | "/drain" | "/drain/cancel") => {
                 reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", ROUTES.into())
             }
             _ => reply(StatusCode::NOT_FOUND, "text/plain", ROUTES.into()),

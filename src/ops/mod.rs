@@ -1,7 +1,9 @@
 //! Running an edge: reloading its configuration ([`reload`]), the admin listener
-//! ([`admin`]), the background services ([`services`]) and the readiness line ([`ready`]).
+//! ([`admin`]), the background services ([`services`]), the drain of a stopping process
+//! ([`drain`]) and the readiness line ([`ready`]).
 
 pub mod admin;
+pub mod drain;
 pub mod ready;
 pub mod reload;
 pub mod services;

@@ -96,6 +96,7 @@ impl Reloader {
                 // Lock poisoning would mean a panic while swapping; the data is still whole.
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
                 self.router.store(Arc::new(router));
+                self.lasting.drain.set_settings(drain_settings(&new));
                 if let Some(log) = &self.access_log {
                     log.reopen(&new.access_log);
                 }
@@ -188,5 +189,13 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(panic) => panic_text(&*panic),
         Err(e) => e.to_string(),
+    }
+}
+
+/// The drain's settings in a configuration.
+pub fn drain_settings(config: &Config) -> crate::policy::drain::Settings {
+    crate::policy::drain::Settings {
+        spread: config.drain.spread,
+        close_code: config.drain.close_code,
     }
 }

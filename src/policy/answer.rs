@@ -26,6 +26,8 @@ pub enum Answer {
     RateLimited(u64),
     /// 503: the resource has `max_connections` tunnels open.
     OverCapacity,
+    /// 503: the edge is draining (shutdown, upgrade, `POST /drain`).
+    Draining,
     /// 400: `Content-Length` with `Transfer-Encoding`, or disagreeing lengths.
     AmbiguousFraming,
     /// 421: the Host belongs to another resource than the TLS connection.
@@ -48,6 +50,15 @@ pub enum Answer {
     OriginTimeout,
 }
 
+/// The least `Retry-After` of a 503 (and of a 429 for `max_connections_per_ip`), seconds.
+pub const RETRY_AFTER: u64 = 5;
+
+/// A `Retry-After` drawn uniformly from `base` to `2 × base` seconds.
+pub fn jitter(base: u64) -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(base..=base.saturating_mul(2))
+}
+
 impl Answer {
     /// The HTTP status.
     pub fn status(self) -> u16 {
@@ -64,7 +75,7 @@ impl Answer {
             Answer::RateLimited(_) | Answer::ClientOverCapacity => 429,
             Answer::HeaderTooLarge => 431,
             Answer::OriginUnreachable | Answer::OriginInvalid => 502,
-            Answer::OverCapacity => 503,
+            Answer::OverCapacity | Answer::Draining => 503,
             Answer::OriginTimeout => 504,
         }
     }
@@ -93,6 +104,7 @@ impl Answer {
             Answer::OverCapacity => {
                 "This site has too many open WebSocket connections; retry later.\n"
             }
+            Answer::Draining => "This edge is going out of service; retry later.\n",
             Answer::BadHost => "The Host header is missing or is not a valid host name.\n",
             Answer::BadPath(e) => e.body(),
             Answer::ClientOverCapacity => {
@@ -113,10 +125,13 @@ impl Answer {
                 ("Sec-WebSocket-Version", "13".into()),
                 ("Upgrade", "websocket".into()),
             ],
-            Answer::RateLimited(secs) => vec![("Retry-After", secs.max(1).to_string())],
-            // Tunnels end at their own pace; a few seconds spreads the retries out.
-            Answer::OverCapacity | Answer::ClientOverCapacity => {
-                vec![("Retry-After", "5".into())]
+            // Every Retry-After is drawn with jitter, so that clients refused together do
+            // not all come back in the same second: from the wait the bucket needs to
+            // twice that; a few seconds (5 to 10) where tunnels end at their own pace or
+            // the edge goes out of service.
+            Answer::RateLimited(secs) => vec![("Retry-After", jitter(secs.max(1)).to_string())],
+            Answer::OverCapacity | Answer::ClientOverCapacity | Answer::Draining => {
+                vec![("Retry-After", jitter(RETRY_AFTER).to_string())]
             }
             _ => Vec::new(),
         }
@@ -138,6 +153,7 @@ impl Answer {
             Answer::BadHost => HandshakeOutcome::BadHost,
             Answer::BadPath(_) => HandshakeOutcome::BadPath,
             Answer::ClientOverCapacity => HandshakeOutcome::ClientOverCapacity,
+            Answer::Draining => HandshakeOutcome::Draining,
             Answer::MethodNotAllowed => HandshakeOutcome::MethodNotAllowed,
             Answer::OriginUnreachable => HandshakeOutcome::OriginUnreachable,
             Answer::OriginInvalid => HandshakeOutcome::OriginInvalid,

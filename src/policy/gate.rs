@@ -23,21 +23,25 @@ pub struct Admitted {
 
 /// The gate for an upgrade request to `res`, in order: WebSocket on and the path allowed
 /// (403, or 400 for a path that cannot be normalised), the RFC 6455 checks (400, 426), the
-/// `Origin` (403), the client's handshake rate (429), a tunnel slot for the resource and
-/// the client (503, 429). `client` is the client's IP; `ipv6_prefix` says which IPv6
-/// addresses count as one client.
+/// `Origin` (403), the edge's drain (503), the client's handshake rate (429), a tunnel slot
+/// for the resource and the client (503, 429). `client` is the client's IP; `ipv6_prefix`
+/// says which IPv6 addresses count as one client; `draining` that the edge is draining.
 pub fn admit(
     res: &Resource,
     limits: &Arc<ResourceLimits>,
     req: &RequestHeader,
     client: Option<IpAddr>,
     ipv6_prefix: u8,
+    draining: bool,
 ) -> Result<Admitted, Answer> {
     let ws = &res.websocket;
     let path = check(res, req.uri.path())?.into_owned();
     handshake::check(req)?;
     let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
     check_origin(res, origin)?;
+    if draining {
+        return Err(Answer::Draining);
+    }
     let key = client.map(|ip| client_key(ip, ipv6_prefix));
     if let (Some(rate), Some(key)) = (ws.handshake_rate, key) {
         limits

@@ -325,6 +325,8 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Counted while served, so a stopping edge knows when its last request is done.
+        let _serving = self.stats.as_ref().map(|s| s.serving());
         let deadline = Instant::now() + self.limits.header_timeout;
         let stream = match &self.tls {
             None => stream,

@@ -10,6 +10,7 @@ use crate::observe::access_log::{AccessLog, JsonLine};
 use crate::observe::labels::HandshakeOutcome;
 use crate::observe::metrics::EdgeStats;
 use crate::policy::answer::Answer;
+use crate::policy::drain::Drain;
 use crate::policy::gate::{self, Admitted};
 use crate::policy::handshake;
 use crate::sites::origin;
@@ -37,6 +38,7 @@ pub struct EdgeProxy {
     metrics: bool,
     connector: Connector,
     unbuffered_listeners: bool,
+    drain: Arc<Drain>,
 }
 
 /// Per-request state.
@@ -78,7 +80,16 @@ impl EdgeProxy {
             metrics: true,
             connector: Connector::new(None),
             unbuffered_listeners: false,
+            drain: Arc::new(Drain::default()),
         }
+    }
+
+    /// Takes part in `drain`: upgrades are refused (503) while it runs, and tunnels are
+    /// told to go when it comes to them. By default the proxy has a drain of its own that
+    /// nothing starts.
+    pub fn with_drain(mut self, drain: Arc<Drain>) -> EdgeProxy {
+        self.drain = drain;
+        self
     }
 
     /// Writes access lines to `log` (by default there is none).
@@ -163,6 +174,7 @@ impl EdgeProxy {
                 metrics: self.metrics,
             },
             slot: admitted.slot,
+            drain: Some(self.drain.clone()),
         };
         match tunnel::open(session, &self.connector, request).await? {
             // Counted as an `ok` handshake when its 101 went out; it logs itself.
@@ -258,7 +270,15 @@ impl ProxyHttp for EdgeProxy {
         } else {
             let ipv6_prefix = self.router.load().ipv6_prefix();
             let (res, req) = (&site.resource, session.req_header());
-            gate::admit(res, &site.limits, req, client_ip(session), ipv6_prefix)
+            let draining = self.drain.draining();
+            gate::admit(
+                res,
+                &site.limits,
+                req,
+                client_ip(session),
+                ipv6_prefix,
+                draining,
+            )
         };
         match admitted {
             Ok(admitted) => self.open_tunnel(session, &site, ctx, admitted).await?,

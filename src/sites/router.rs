@@ -6,6 +6,7 @@
 use super::origin::OriginGroup;
 use crate::config::{Certificate, ClientLimits, Config, Resource};
 use crate::observe::metrics::{EdgeStats, ResourceStats};
+use crate::policy::drain::Drain;
 use crate::policy::limits::ResourceLimits;
 use crate::syntax::host::strip_port;
 use arc_swap::ArcSwap;
@@ -23,6 +24,8 @@ pub struct Lasting {
     /// The counters of every resource.
     pub stats: Arc<EdgeStats>,
     limits: Mutex<HashMap<String, Arc<ResourceLimits>>>,
+    /// The edge's drain (its settings follow reloads; a drain that runs goes on).
+    pub drain: Arc<Drain>,
 }
 
 impl Lasting {
@@ -31,6 +34,7 @@ impl Lasting {
         Lasting {
             stats,
             limits: Mutex::default(),
+            drain: Arc::default(),
         }
     }
 

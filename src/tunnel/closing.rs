@@ -37,6 +37,8 @@ pub enum Cause {
     Stalled(Side),
     /// The side broke a limit.
     Broke(Side, Violation),
+    /// The edge is draining: both sides are told to go, with this code and reason.
+    Drain(u16, Say),
     /// Nothing for the edge to say: the closing handshake passed, or a side ended after
     /// its Close frame.
     Done(CloseReason),
@@ -149,6 +151,9 @@ pub fn plan(cause: Cause) -> Plan {
                 Side::Origin => p(reason, other, sender),
             }
         }
+        // Both sides hear it; the closing handshakes are awaited as for any Close of the
+        // edge's (bounded), so nothing in flight is cut.
+        Cause::Drain(code, say) => p(CloseReason::Shutdown, Some((code, say)), Some((code, say))),
         Cause::Done(reason) => p(reason, None, None),
     }
 }
@@ -161,7 +166,13 @@ mod tests {
     fn every_code_is_one_an_endpoint_may_receive() {
         // §7.4.1 and the IANA registry: 1000-1003, 1007-1011, 1014; never 1005, 1006, 1015.
         let sides = [Side::Client, Side::Origin];
-        let mut causes = vec![Cause::IdleTimeout, Cause::MaxLifetime];
+        let mut causes = vec![
+            Cause::IdleTimeout,
+            Cause::MaxLifetime,
+            Cause::Drain(GOING_AWAY, Say::GoingAway),
+            Cause::Drain(1012, Say::Restarting),
+            Cause::Drain(1001, Say::Draining),
+        ];
         for s in sides {
             causes.push(Cause::Heartbeat(s));
             causes.push(Cause::Ended {
@@ -181,7 +192,7 @@ mod tests {
         for c in causes {
             let plan = plan(c);
             for (code, say) in [plan.to_client, plan.to_origin].into_iter().flatten() {
-                assert!(matches!(code, 1000..=1003 | 1007..=1011 | 1014), "{c:?}");
+                assert!(matches!(code, 1000..=1003 | 1007..=1012 | 1014), "{c:?}");
                 assert!(say.reason().len() <= 123, "{c:?}");
             }
             assert!(

@@ -507,6 +507,10 @@ pub enum Say {
     IdleTimeout,
     MaxLifetime,
     GoingAway,
+    /// The old process of a graceful upgrade.
+    Restarting,
+    /// A drain from the admin listener.
+    Draining,
     BadGateway,
     HeartbeatTimeout,
     MessageTooBig,
@@ -526,6 +530,8 @@ impl Say {
             Say::IdleTimeout => "idle timeout",
             Say::MaxLifetime => "max lifetime",
             Say::GoingAway => "going away",
+            Say::Restarting => "edge restarting",
+            Say::Draining => "edge draining",
             Say::BadGateway => "bad gateway",
             Say::HeartbeatTimeout => "heartbeat timeout",
             Say::MessageTooBig => "message too big",

@@ -23,6 +23,7 @@ pub mod tally;
 use crate::config::Resource;
 use crate::observe::labels::CloseReason;
 use crate::policy::answer::Answer;
+use crate::policy::drain::Drain;
 use crate::policy::handshake::has_token;
 use crate::policy::limits::Slot;
 use crate::sites::origin::{self, OriginGroup};
@@ -34,6 +35,7 @@ use pingora::protocols::http::v1::client::HttpSession as OriginSession;
 use pingora::proxy::Session;
 use relay::Relay;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tally::{Reporting, TunnelGuard, TunnelInfo};
 use tokio::net::TcpStream;
@@ -65,6 +67,8 @@ pub struct Request<'a> {
     pub report: Reporting,
     /// Its slot, held by the tunnel and given back as soon as the answer is not a 101.
     pub slot: Slot,
+    /// The edge's drain, which tells the tunnel to go when it comes to it.
+    pub drain: Option<Arc<Drain>>,
 }
 
 /// Sends the upgrade to the resource's origin group and, on 101, hands the connections to
@@ -82,6 +86,7 @@ pub async fn open(
         info,
         report,
         slot,
+        drain,
     } = tunnel;
     let Some((mut up, server)) = send_upgrade(res, group, connector, &req, &info).await else {
         return Ok(Outcome::Failed(Answer::OriginUnreachable));
@@ -137,6 +142,7 @@ pub async fn open(
         guard,
         [from_client, from_origin],
         tls,
+        drain.as_ref(),
     ));
     Ok(Outcome::Opened)
 }

@@ -13,18 +13,21 @@
 //! frame of the edge's own (a heartbeat Ping, a Close) is written.
 
 use super::closing::{plan, Cause, Owed, Side};
-use super::frames::{Control, Fed, Rules, Scanner, Stop, Violation};
+use super::frames::{Control, Fed, Rules, Say, Scanner, Stop, Violation};
 use super::heartbeat::{Beat, Due};
 use super::tally::{Codes, TunnelGuard};
 use crate::config::WebSocket;
 use crate::observe::labels::CloseReason;
 use crate::observe::labels::HeartbeatResult;
+use crate::policy::drain::{Drain, Kind};
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 /// The most a tunnel reads from one side at a time, and so the most it can hold for a
@@ -364,6 +367,77 @@ struct Ending {
     first: bool,
 }
 
+/// A tunnel's link to the edge's drain: woken when one starts or is cancelled, and the
+/// moment this tunnel is to be told to go.
+struct DrainLink {
+    hub: Arc<Drain>,
+    /// Holds the task's waker in the drain's list (registered at the first poll; polled
+    /// again only when the drain changed, as each poll of it takes the list's lock).
+    wake: Pin<Box<OwnedNotified>>,
+    /// The drain's epoch when this tunnel last looked (`None`: not yet registered).
+    seen: Option<u64>,
+    /// This tunnel's moment, and the drain (generation) it was drawn for.
+    at: Option<(Instant, u64)>,
+}
+
+impl DrainLink {
+    fn new(hub: &Arc<Drain>) -> DrainLink {
+        let mut link = DrainLink {
+            hub: hub.clone(),
+            wake: Box::pin(hub.waiter()),
+            seen: None,
+            at: None,
+        };
+        // A tunnel opened as a drain began is drawn a moment in it like the others.
+        link.redraw();
+        link
+    }
+
+    /// Draws this tunnel's moment for the drain that runs (kept if already drawn for it),
+    /// or forgets it if none runs.
+    fn redraw(&mut self) {
+        self.at = self.hub.order().map(|o| match self.at {
+            Some((at, generation)) if generation == o.generation => (at, generation),
+            _ => (o.moment(), o.generation),
+        });
+    }
+
+    /// Whether the drain changed since the last look; if so, the waiter is armed again
+    /// (with the task's waker) and the moment redrawn. One atomic load otherwise.
+    fn changed(&mut self, cx: &mut Context<'_>) -> bool {
+        let epoch = self.hub.epoch();
+        if self.seen == Some(epoch) {
+            return false;
+        }
+        self.seen = Some(epoch);
+        // A waiter that is ready was used up: a new one, registered by its first poll.
+        while self.wake.as_mut().poll(cx).is_ready() {
+            self.wake = Box::pin(self.hub.waiter());
+        }
+        self.redraw();
+        true
+    }
+
+    /// The Close this tunnel is to send now, if its moment came in the drain that runs.
+    fn due(&mut self, now: Instant, next: &mut Instant) -> Option<Cause> {
+        let (at, generation) = self.at?;
+        if now < at {
+            *next = (*next).min(at);
+            return None;
+        }
+        let Some(order) = self.hub.order().filter(|o| o.generation == generation) else {
+            self.at = None;
+            return None;
+        };
+        let say = match order.kind {
+            Kind::Shutdown => Say::GoingAway,
+            Kind::Upgrade => Say::Restarting,
+            Kind::Admin => Say::Draining,
+        };
+        Some(Cause::Drain(order.close_code, say))
+    }
+}
+
 /// An open tunnel, as one task. Both directions and the one timer are polled from this
 /// single future, and its guard records the tunnel when it ends.
 pub struct Relay<C, O> {
@@ -386,6 +460,7 @@ pub struct Relay<C, O> {
     /// socket's FIN comes with its close.
     shutdown_client: bool,
     beats: Option<Box<Beats>>,
+    drain: Option<DrainLink>,
     ending: Option<Box<Ending>>,
     /// Set once the relay ended: the FIN to the client is on its way.
     closing: bool,
@@ -398,7 +473,7 @@ where
 {
     /// A relay between `client` and `origin` under the resource's `ws` settings; `early`
     /// holds bytes each side sent along with the handshake (client's, origin's), which go
-    /// first.
+    /// first. With `drain`, the tunnel is told to go when a drain of the edge comes to it.
     pub(crate) fn new(
         client: C,
         origin: O,
@@ -406,6 +481,7 @@ where
         guard: TunnelGuard,
         early: [Option<Bytes>; 2],
         shutdown_client: bool,
+        drain: Option<&Arc<Drain>>,
     ) -> Relay<C, O> {
         let now = Instant::now();
         let idle = ws.idle_timeout;
@@ -431,6 +507,11 @@ where
             })
         });
         let first_beat = hb.map_or(lifetime_end, |h| now + h.interval);
+        let drain = drain.map(DrainLink::new);
+        let first_beat = match drain.as_ref().and_then(|d| d.at) {
+            Some((at, _)) => first_beat.min(at),
+            None => first_beat,
+        };
         let mut relay = Relay {
             client,
             origin,
@@ -447,6 +528,7 @@ where
             origin_shut: false,
             shutdown_client,
             beats,
+            drain,
             ending: None,
             closing: false,
         };
@@ -468,6 +550,7 @@ where
 
     /// Moves bytes both ways; Ready with the cause when the tunnel is to end.
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
+        self.poll_drain(cx);
         let mut from_client = Moved::default();
         let mut from_origin = Moved::default();
         if !self.client_eof {
@@ -600,6 +683,20 @@ where
         }
     }
 
+    /// A drain started or was cancelled: this tunnel's moment is drawn (or forgotten), and
+    /// the timer set for it.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) {
+        let Some(link) = self.drain.as_mut() else {
+            return;
+        };
+        if !link.changed(cx) {
+            return;
+        }
+        if let Some((at, _)) = link.at.filter(|&(at, _)| at < self.timer.deadline()) {
+            self.timer.as_mut().reset(at);
+        }
+    }
+
     /// When the timer fires: whether a limit was reached or a heartbeat is due, else the
     /// timer is moved on.
     fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
@@ -625,6 +722,10 @@ where
                     }
                     next = next.min(since + self.idle);
                 }
+            }
+            if let Some(cause) = self.drain.as_mut().and_then(|d| d.due(now, &mut next)) {
+                self.guard.drained();
+                return Poll::Ready(cause);
             }
             if let Some(cause) = self.beat(cx, now, &mut next) {
                 return Poll::Ready(cause);
@@ -929,6 +1030,7 @@ mod tests {
             guard,
             [None, None],
             true,
+            None,
         );
         Setup {
             relay,

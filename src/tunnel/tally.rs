@@ -137,6 +137,11 @@ impl TunnelGuard {
         self.report.site.heartbeat(side == Side::Origin, result);
     }
 
+    /// Counts the tunnel as told to go by a drain.
+    pub(crate) fn drained(&self) {
+        self.report.site.drained();
+    }
+
     /// The relay is over: the tunnel's reason (`transport`, unless a Close frame says who
     /// ended it) and its close codes are settled.
     pub(crate) fn finish(&mut self, transport: CloseReason, codes: Codes) {

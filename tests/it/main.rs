@@ -7,6 +7,7 @@ mod common;
 mod answers;
 mod config;
 mod demo;
+mod drain;
 mod fresh_tunnels;
 mod handshake_props;
 mod hardening;

@@ -7,6 +7,7 @@
 //! wsload handshakes wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --conns 8 --count 3000 --pid 1234
 //! wsload relay 127.0.0.1:0 127.0.0.1:9100 --threads 2   # the benchmark's floor: a bare TCP relay
 //! wsload stalled ws://127.0.0.1:8080/push --count 1000 --pid 1234   # clients that never read
+//! wsload storm ws://127.0.0.1:8080/ws --count 5000 --window 60      # reconnect on every close
 //! ```
 //!
 //! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
@@ -28,7 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--hold SECS] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--hold SECS] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | storm URL [--count N] [--window SECS] | relay LISTEN ORIGIN [--threads N] | stats-query");
     std::process::exit(2)
 }
 
@@ -557,6 +558,120 @@ where
     }
 }
 
+/// A reconnect storm from the clients' side: `count` tunnels that each reconnect at once
+/// (no backoff: the worst case an edge must absorb) when their tunnel ends, by a Close
+/// frame or without one. Prints `{"ready":count}` once all are open (the caller then
+/// restarts or drains the proxy), then, once every tunnel has reconnected or `window`
+/// seconds have passed since the first end: how the tunnels ended, the reconnects that
+/// were refused or failed (each is retried after 250 ms, up to 20 times), the peak of
+/// reconnects completed per second and per 100 ms, and the handshake latency percentiles.
+async fn storm(url: &str, count: u64, window: u64) {
+    let mut open = Vec::new();
+    while (open.len() as u64) < count {
+        let batch = (count - open.len() as u64).min(100);
+        let conns =
+            (0..batch).map(|_| tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url)));
+        for r in futures_util::future::join_all(conns).await {
+            let (mut ws, _) = r.expect("connect in time").expect("connect");
+            ws.send(Message::text("hi")).await.expect("send");
+            ws.next().await.expect("echo").expect("echo");
+            open.push(ws);
+        }
+    }
+    println!("{{\"ready\":{count}}}");
+    let first_end: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    type Outcome = (Option<u16>, u32, Option<(Instant, Duration)>);
+    let outcomes: Arc<std::sync::Mutex<Vec<Outcome>>> = Arc::default();
+    let url = Arc::new(url.to_string());
+    let tasks: Vec<_> = open
+        .into_iter()
+        .map(|mut ws| {
+            let (first_end, url, outcomes) = (first_end.clone(), url.clone(), outcomes.clone());
+            tokio::spawn(async move {
+                // How the tunnel ended: Some(code) for a Close frame.
+                let code = loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(f))) => {
+                            break Some(f.map_or(1005, |f| u16::from(f.code)))
+                        }
+                        Some(Ok(_)) => {}
+                        _ => break None,
+                    }
+                };
+                first_end.get_or_init(Instant::now);
+                drop(ws);
+                let mut failures = 0u32;
+                for _ in 0..20 {
+                    let t = Instant::now();
+                    let attempt = tokio_tungstenite::connect_async(url.as_str());
+                    if let Ok(Ok((ws, _))) = tokio::time::timeout(STEP, attempt).await {
+                        let done = Instant::now();
+                        outcomes
+                            .lock()
+                            .unwrap()
+                            .push((code, failures, Some((done, done - t))));
+                        // The new tunnel stays open until the end of the run.
+                        return Some(ws);
+                    }
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                outcomes.lock().unwrap().push((code, failures, None));
+                None
+            })
+        })
+        .collect();
+    // Until every tunnel reconnected (or gave up), or the window is over.
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if outcomes.lock().unwrap().len() as u64 == count {
+            break;
+        }
+        if first_end
+            .get()
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(window))
+        {
+            eprintln!("storm: window over before every tunnel reconnected");
+            break;
+        }
+    }
+    let results = std::mem::take(&mut *outcomes.lock().unwrap());
+    let t0 = first_end.get().copied().unwrap_or_else(Instant::now);
+    let (mut framed, mut vanished, mut failed, mut reconnected) = (0u64, 0u64, 0u64, 0u64);
+    let mut lat = Vec::new();
+    let mut per_s = std::collections::BTreeMap::<u64, u64>::new();
+    let mut per_100ms = std::collections::BTreeMap::<u64, u64>::new();
+    let mut last = Duration::ZERO;
+    for (code, failures, done) in results {
+        match code {
+            Some(_) => framed += 1,
+            None => vanished += 1,
+        }
+        failed += u64::from(failures);
+        if let Some((at, took)) = done {
+            reconnected += 1;
+            lat.push(took.as_micros() as u64);
+            let since = at.saturating_duration_since(t0);
+            last = last.max(since);
+            *per_s.entry(since.as_secs()).or_default() += 1;
+            *per_100ms.entry(since.as_millis() as u64 / 100).or_default() += 1;
+        }
+    }
+    lat.sort_unstable();
+    println!(
+        "{{\"tunnels\":{count},\"closed_with_frame\":{framed},\"vanished\":{vanished},\"reconnected\":{reconnected},\"failed_attempts\":{failed},\"peak_per_s\":{},\"peak_per_100ms\":{},\"spread_s\":{:.1},\"handshake_p50_ms\":{:.2},\"handshake_p99_ms\":{:.2},\"handshake_max_ms\":{:.2}}}",
+        per_s.values().max().copied().unwrap_or(0),
+        per_100ms.values().max().copied().unwrap_or(0),
+        last.as_secs_f64(),
+        percentile(&lat, 0.50) as f64 / 1e3,
+        percentile(&lat, 0.99) as f64 / 1e3,
+        lat.last().copied().unwrap_or(0) as f64 / 1e3,
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
+
 /// Any byte stream a WebSocket client can run over.
 trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
@@ -600,6 +715,14 @@ fn main() {
         Some("stalled") => {
             let url = args.get(1).unwrap_or_else(|| usage());
             rt.block_on(stalled(url, flag(&args, "--count", 1000), &pids(&args)))
+        }
+        Some("storm") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            rt.block_on(storm(
+                url,
+                flag(&args, "--count", 5000),
+                flag(&args, "--window", 60),
+            ))
         }
         Some("handshakes") => {
             let url = args.get(1).unwrap_or_else(|| usage());
