@@ -227,6 +227,7 @@ impl Scanner {
     /// Reads one chunk of this direction's bytes, handing what is to be forwarded to `out`
     /// in order. With `stop_at_boundary` it returns at the first frame boundary (which may
     /// be where it starts), having consumed the bytes before it.
+    #[inline(always)]
     pub fn feed(
         &mut self,
         data: &[u8],

@@ -121,6 +121,7 @@ impl Outbox {
     }
 
     /// Writes `bytes` now, after what waits; what the destination does not take is kept.
+    #[inline(always)]
     fn put<D: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
@@ -190,6 +191,7 @@ impl Half {
 
     /// Moves bytes from `src` to `dst` until either blocks, each chunk through the scanner
     /// and then `account`. Ready means this direction ended.
+    #[inline(always)]
     fn poll_move<S, D>(
         &mut self,
         cx: &mut Context<'_>,
@@ -243,6 +245,7 @@ impl Half {
 
     /// Passes a chunk just read through the scanner to the destination, with the edge's
     /// frame at the first boundary if one waits. Some(end) when the direction ended.
+    #[inline(always)]
     fn pass<D: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
@@ -404,18 +407,27 @@ impl DrainLink {
 
     /// Whether the drain changed since the last look; if so, the waiter is armed again
     /// (with the task's waker) and the moment redrawn. One atomic load otherwise.
+    #[inline(always)]
     fn changed(&mut self, cx: &mut Context<'_>) -> bool {
         let epoch = self.hub.epoch();
         if self.seen == Some(epoch) {
             return false;
         }
+        self.rearm(cx, epoch);
+        true
+    }
+
+    /// The drain changed (or this is the first look): the waiter is armed again and the
+    /// moment redrawn. Kept out of line: the relay's hot path only compares the epoch.
+    #[cold]
+    #[inline(never)]
+    fn rearm(&mut self, cx: &mut Context<'_>, epoch: u64) {
         self.seen = Some(epoch);
         // A waiter that is ready was used up: a new one, registered by its first poll.
         while self.wake.as_mut().poll(cx).is_ready() {
             self.wake = Box::pin(self.hub.waiter());
         }
         self.redraw();
-        true
     }
 
     /// The Close this tunnel is to send now, if its moment came in the drain that runs.
@@ -595,6 +607,8 @@ where
     }
 
     /// Why the tunnel ends when the client's direction ended with `end`.
+    #[cold]
+    #[inline(never)]
     fn client_end(&mut self, end: End, after_close: bool) -> Cause {
         match end {
             End::Eof | End::ReadError => {
@@ -620,6 +634,8 @@ where
     }
 
     /// Why the tunnel ends when the origin's direction ended with `end`.
+    #[cold]
+    #[inline(never)]
     fn origin_end(&mut self, end: End) -> Cause {
         match end {
             End::Eof | End::ReadError => {
@@ -685,6 +701,7 @@ where
 
     /// A drain started or was cancelled: this tunnel's moment is drawn (or forgotten), and
     /// the timer set for it.
+    #[inline(always)]
     fn poll_drain(&mut self, cx: &mut Context<'_>) {
         let Some(link) = self.drain.as_mut() else {
             return;
@@ -737,6 +754,8 @@ where
 
     /// The heartbeats at `now`: a Ping queued for a quiet side, or a side that did not
     /// answer; `next` is moved to when they next need a look.
+    #[cold]
+    #[inline(never)]
     fn beat(&mut self, cx: &mut Context<'_>, now: Instant, next: &mut Instant) -> Option<Cause> {
         let beats = self.beats.as_deref_mut()?;
         // Once a closing handshake began, the edge sends no more pings.
@@ -781,6 +800,8 @@ where
     }
 
     /// The tunnel is to end for `cause`: the Close frames it owes are queued.
+    #[cold]
+    #[inline(never)]
     fn begin_end(&mut self, cause: Cause) {
         let plan = plan(cause);
         let owing = |owed: bool| if owed { Owing::Waiting } else { Owing::Done };
@@ -814,6 +835,8 @@ where
 
     /// Drives an ending tunnel: each owed Close written at a boundary, each side's own
     /// Close awaited, all within bounds. Ready when there is nothing more to wait for.
+    #[cold]
+    #[inline(never)]
     fn poll_ending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let Some(e) = self.ending.as_deref_mut() else {
