@@ -235,7 +235,19 @@ impl Scanner {
         out: &mut impl FnMut(&[u8]),
     ) -> Fed {
         let mut fed = Fed::default();
-        let mut pos = 0;
+        // Without rules, nothing held and no boundary asked for, the frames that begin and
+        // end in this chunk are walked first with their headers read in place; the loop
+        // below takes over at the first that does not (or that is a Close).
+        let mut pos = match self.limits.is_none()
+            && !stop_at_boundary
+            && self.skip == 0
+            && self.head_len == 0
+            && !self.dropping
+            && !self.lost
+        {
+            true => whole_frames(data, &mut fed),
+            false => 0,
+        };
         // data[run..pos] is to be handed on and has not been yet.
         let mut run = 0;
         let mut now = None;
@@ -494,6 +506,44 @@ fn payload_len(h: &[u8; 14]) -> (u64, Option<[u8; 4]>) {
     (len, key)
 }
 
+/// How far the frames at the start of `data` that are whole in it, well-formed and not a
+/// Close reach (their complete data messages counted in `fed`): what the scanner's
+/// state would be after them is its state before them, so they need no bookkeeping.
+#[inline(always)]
+fn whole_frames(data: &[u8], fed: &mut Fed) -> usize {
+    let mut pos = 0;
+    while let [b0, b1, rest @ ..] = &data[pos..] {
+        let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+        let control = opcode & 0x8 != 0;
+        let len7 = u64::from(b1 & 0x7f);
+        // Reserved opcodes, a Close (its code is read), a fragmented or long control
+        // frame: the loop decides.
+        if matches!(opcode, 3..=8 | 11..=15) || (control && (!fin || len7 > 125)) {
+            break;
+        }
+        let (len, ext) = match len7 {
+            126 if rest.len() >= 2 => (u64::from(u16::from_be_bytes([rest[0], rest[1]])), 2),
+            127 if rest.len() >= 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[..8]);
+                (u64::from_be_bytes(b), 8)
+            }
+            126 | 127 => break,
+            n => (n, 0),
+        };
+        let header = 2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 };
+        match (rest.len() + 2).checked_sub(header) {
+            Some(payload) if len <= payload as u64 => {}
+            _ => break,
+        }
+        if fin && opcode <= 2 {
+            fed.messages += 1;
+        }
+        pos += header + len as usize;
+    }
+    pos
+}
+
 fn emit(fed: &mut Fed, out: &mut impl FnMut(&[u8]), bytes: &[u8]) {
     if !bytes.is_empty() {
         fed.forwarded += bytes.len();
@@ -688,6 +738,60 @@ mod tests {
                 assert_eq!(r.close_code(), Some(4001), "chunk {chunk}");
                 assert!(r.at_boundary());
             }
+        }
+    }
+
+    /// The walk over whole frames (no rules) and the byte-at-a-time path agree on random
+    /// streams in random chunks: the same bytes, messages, Close and state.
+    #[test]
+    fn whole_frames_at_once_or_a_byte_at_a_time_are_the_same() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for round in 0..300 {
+            let mut s = Vec::new();
+            for _ in 0..rng.gen_range(1..30) {
+                let opcode = [0u8, 1, 2, 9, 10, 8][rng.gen_range(0..6)];
+                let control = opcode >= 8;
+                let len = match (control, rng.gen_range(0..10)) {
+                    (true, _) => rng.gen_range(0..=125),
+                    (false, 0) => rng.gen_range(126..70_000),
+                    (false, _) => rng.gen_range(0..126),
+                };
+                let payload: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let mask = rng.gen_bool(0.5).then(|| rng.gen());
+                s.extend(frame(control || rng.gen_bool(0.7), opcode, &payload, mask));
+            }
+            if round % 7 == 0 {
+                s.extend(frame(true, 5, b"reserved", None)); // not WebSocket: lost
+                s.extend(b"anything after");
+            }
+            let mut one = Scanner::default();
+            let (by_byte, _, a) = run(&mut one, &s, 1);
+            let mut other = Scanner::default();
+            let mut got = Vec::new();
+            let mut b = Fed::default();
+            let mut at = 0;
+            while at < s.len() {
+                let n = rng.gen_range(1..=(s.len() - at).min(100_000));
+                let fed = other.feed(&s[at..at + n], false, &mut |x: &[u8]| {
+                    got.extend_from_slice(x)
+                });
+                assert_eq!(fed.consumed, n);
+                b.messages += fed.messages;
+                b.close |= fed.close;
+                b.forwarded += fed.forwarded;
+                at += n;
+            }
+            assert_eq!(by_byte, s, "round {round}");
+            assert_eq!(got, s, "round {round}");
+            assert_eq!(
+                (a.messages, a.close, a.forwarded),
+                (b.messages, b.close, b.forwarded)
+            );
+            assert_eq!(one.close_code(), other.close_code(), "round {round}");
+            assert_eq!(one.close_seen(), other.close_seen(), "round {round}");
+            assert_eq!(one.lost(), other.lost(), "round {round}");
+            assert_eq!(one.at_boundary(), other.at_boundary(), "round {round}");
         }
     }
 
