@@ -92,7 +92,20 @@ struct Outbox {
 
 impl Outbox {
     /// Writes what waits, then flushes.
+    #[inline(always)]
     fn poll_drain<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Poll<Result<(), ()>> {
+        if self.pending.is_empty() && !self.flush {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_drain_some(cx, dst)
+    }
+
+    /// [`Self::poll_drain`] when there is something to write or flush.
+    fn poll_drain_some<D: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         dst: &mut D,
