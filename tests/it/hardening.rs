@@ -721,9 +721,19 @@ async fn access_log_file_is_reopened_on_sigusr1_and_on_reload() {
     .await;
     assert!(wait_for(&log, "/one").contains("/one"));
     // Log rotation: the file is moved away, then the edge is told.
+    // The writer thread creates the file when it has reopened it: the event to wait for
+    // (a line sent before that still goes to the file that was moved away).
+    let reopened = |file: &std::path::Path| {
+        let end = Instant::now() + STEP;
+        while !file.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(file.exists(), "{} was not reopened", file.display());
+    };
     std::fs::rename(&log, dir.join("access.log.1")).unwrap();
     edge.signal("USR1");
     edge.wait_log(&["SIGUSR1"]);
+    reopened(&log);
     raw_request(
         edge.addr,
         "GET /two HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -734,6 +744,7 @@ async fn access_log_file_is_reopened_on_sigusr1_and_on_reload() {
     std::fs::rename(&log, dir.join("access.log.2")).unwrap();
     let (code, body) = edge.admin_request("POST", "/reload").await;
     assert_eq!(code, 200, "{body}");
+    reopened(&log);
     raw_request(
         edge.addr,
         "GET /three HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
