@@ -186,6 +186,54 @@ async fn an_edge_with_no_tunnel_exits_within_a_second_of_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_request_in_flight_at_sigterm_is_answered_before_the_exit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An origin that answers only when told to.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut b).await.is_ok() {
+            head.push(b[0]);
+        }
+        let _ = arrived_tx.send(());
+        let _ = go_rx.await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            .await;
+    });
+    let top = "pingora: { grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 1 }";
+    let mut edge = Edge::start(&config(origin, top));
+    let addr = edge.addr;
+    let client = tokio::spawn(async move {
+        raw_request(
+            addr,
+            "GET /slow HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    });
+    within("the request at the origin", arrived).await.unwrap();
+    edge.signal("TERM");
+    // With a request in flight the stopping edge waits for it...
+    assert!(
+        !edge.wait_exit(Duration::from_millis(700)),
+        "exited with a request in flight"
+    );
+    go.send(()).unwrap();
+    let answer = within("the answer", client).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"),
+        "{answer}"
+    );
+    // ...and exits once it is answered.
+    assert!(edge.wait_exit(Duration::from_secs(5)), "did not exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_drain_spreads_closes_refuses_upgrades_with_jitter_and_cancel_restores() {
     let origin = Origin::start(Mode::Echo).await;
     let edge = Edge::start(&config(origin.addr, "drain: { spread: 2s }"));
