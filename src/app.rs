@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::observe::access_log::{error_log_dropped, AccessLog, ErrorLog, LineWriter};
 use crate::observe::metrics::EdgeStats;
 use crate::ops::drain::{DrainOnShutdown, OnDrained};
-use crate::ops::reload::{drain_settings, Reloader};
+use crate::ops::reload::Reloader;
 use crate::ops::{admin, ready, services};
 use crate::policy::drain::Drain;
 use crate::request::header_guard::HeaderGuard;
@@ -130,7 +130,7 @@ impl Edge {
     pub fn build(config: Config, server_conf: &Arc<ServerConf>) -> Result<Edge, RunError> {
         let stats = Arc::new(EdgeStats::default());
         let lasting = Arc::new(Lasting::new(stats.clone()));
-        lasting.drain.set_settings(drain_settings(&config));
+        lasting.drain.set_settings(config.drain);
         let router = build_router(&config, &lasting)?;
         let access_log =
             AccessLog::open(&config.access_log, stats.access_log_dropped()).map_err(|source| {
@@ -444,7 +444,8 @@ impl Readiness {
             let (port, host) = (bound[0].port(), &self.host);
             let scheme = if self.http_count > 0 { "http" } else { "https" };
             println!("wsedge: demo ready: open {scheme}://{host}:{port}/ (resolve {host} to 127.0.0.1), or:");
-            println!("  curl -k -H 'Host: {host}' {scheme}://127.0.0.1:{port}/");
+            let insecure = if scheme == "https" { "-k " } else { "" };
+            println!("  curl {insecure}-H 'Host: {host}' {scheme}://127.0.0.1:{port}/");
         }
     }
 }

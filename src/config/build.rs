@@ -89,13 +89,15 @@ impl Builder<'_> {
                 "an https listener needs certificates: give resources a `tls: { certificate, private_key }` block, or set listen.default_certificate".into(),
             ));
         }
+        let (pingora_yaml, grace_period) = self.pingora(&f)?;
         Ok(Config {
             source: path.to_path_buf(),
-            pingora_yaml: self.pingora(&f)?,
+            pingora_yaml,
+            grace_period,
             admin: self.admin(&f)?,
             metrics: f.metrics.unwrap_or(true),
             client: client(&f),
-            drain: self.drain(&f)?,
+            drain: self.drain(&f, grace_period)?,
             access_log: match f.access_log.as_deref() {
                 None | Some("stdout") => AccessLogTarget::Stdout,
                 Some("off") => AccessLogTarget::Off,
@@ -126,13 +128,19 @@ impl Builder<'_> {
 
     /// Pingora's section, checked by Pingora itself and kept as YAML text (its
     /// `ServerConf` is not `Clone`).
-    fn pingora(&self, f: &FileConfig) -> Result<Option<String>, ConfigError> {
+    /// With the section, Pingora's grace period as Pingora reads it.
+    fn pingora(&self, f: &FileConfig) -> Result<(Option<String>, Duration), ConfigError> {
         let Some(map) = &f.pingora else {
-            return Ok(None);
+            return Ok((None, super::PINGORA_GRACE_PERIOD));
         };
         let yaml = serde_yaml::to_string(map).unwrap_or_default();
         match pingora::server::configuration::ServerConf::from_yaml(&yaml) {
-            Ok(_) => Ok(Some(yaml)),
+            Ok(conf) => {
+                let grace = conf
+                    .grace_period_seconds
+                    .map_or(super::PINGORA_GRACE_PERIOD, Duration::from_secs);
+                Ok((Some(yaml), grace))
+            }
             Err(e) => Err(self.invalid(
                 None,
                 "pingora".into(),
@@ -146,13 +154,7 @@ impl Builder<'_> {
     /// `drain:`, held to Pingora's grace period: the window and the closing handshakes
     /// after it must end before the grace period does, or the last tunnels would be cut
     /// without a Close frame.
-    fn drain(&self, f: &FileConfig) -> Result<DrainSettings, ConfigError> {
-        let grace = f
-            .pingora
-            .as_ref()
-            .and_then(|p| p.get("grace_period_seconds"))
-            .and_then(serde_yaml::Value::as_u64)
-            .map_or(super::PINGORA_GRACE_PERIOD, std::time::Duration::from_secs);
+    fn drain(&self, f: &FileConfig, grace: Duration) -> Result<DrainSettings, ConfigError> {
         let room = grace.saturating_sub(super::DRAIN_CLOSING);
         let spread = match &f.drain.spread {
             None => super::DEFAULT_DRAIN_SPREAD.min(room),

@@ -502,10 +502,11 @@ parsed_string!(
 );
 
 fn parse_spread(s: &str) -> Result<Duration, String> {
-    if matches!(s.trim(), "0" | "0s" | "0ms") {
+    // A bare 0 needs no unit; any zero duration (`0s`, `0m`) means the same.
+    if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    let d = parse_duration(s)?;
+    let d = parse_duration_or_zero(s)?;
     if d > Duration::from_secs(3600) {
         return Err(format!(
             "spread \"{s}\" is too long: at most 1h (the process waits for the last tunnel)"
@@ -628,6 +629,16 @@ pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
 
 /// Parses `500ms`, `60s`, `5m`, `1h`, up to [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        let help = "write a whole number followed by ms, s, m or h, like 500ms, 60s, 5m or 1h";
+        return Err(format!("duration \"{s}\" is zero: {help}"));
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], zero included.
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let help = "write a whole number followed by ms, s, m or h, like 500ms, 60s, 5m or 1h";
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -648,9 +659,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "duration \"{s}\" is too long: at most 8784h (a year)"
         ));
     };
-    if d.is_zero() {
-        return Err(format!("duration \"{s}\" is zero: {help}"));
-    }
     Ok(d)
 }
 

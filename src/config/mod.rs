@@ -34,6 +34,9 @@ pub struct Config {
     pub source: PathBuf,
     /// Pingora's `ServerConf` keys as YAML text, if the file had a `pingora:` section.
     pub pingora_yaml: Option<String>,
+    /// Pingora's grace period as that section sets it (`grace_period_seconds`), or
+    /// Pingora's default; a reload does not change the running one.
+    pub grace_period: Duration,
     /// Listening addresses.
     pub listen: Listen,
     /// The admin listener.

@@ -3,6 +3,7 @@
 //! counters it resolved when it opened (one atomic add each); everything else happens once
 //! per request, once per tunnel, or once a second ([`EdgeStats::tick`]).
 
+use super::access_log::json_str;
 use super::labels::{CloseReason, HandshakeOutcome, HeartbeatResult};
 use super::windows::{BucketView, Granularity, Sample, Windows};
 use prometheus::{
@@ -10,6 +11,7 @@ use prometheus::{
     Registry,
 };
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -207,16 +209,20 @@ impl ResourceStats {
                 if !closed.is_empty() {
                     closed.push(',');
                 }
-                closed.push_str(&format!("\"{}\":{n}", r.as_str()));
+                json_str(&mut closed, r.as_str());
+                let _ = write!(closed, ":{n}");
             }
         }
-        format!(
-            "{{\"resource\":\"{}\",\"tunnels_open\":{},\"messages_client_to_origin\":{},\"messages_origin_to_client\":{},\"closed\":{{{closed}}}}}",
-            self.name,
+        let mut b = String::from("{\"resource\":");
+        json_str(&mut b, &self.name);
+        let _ = write!(
+            b,
+            ",\"tunnels_open\":{},\"messages_client_to_origin\":{},\"messages_origin_to_client\":{},\"closed\":{{{closed}}}}}",
             self.tunnels_open.get(),
             self.messages_c2o.get(),
             self.messages_o2c.get()
-        )
+        );
+        b
     }
 
     /// A tunnel was told to go by a drain.

@@ -43,6 +43,14 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u
         .expect("a valid admin response")
 }
 
+/// The answer of a POST endpoint: `{"ok":..,"message":".."}`.
+fn outcome(status: StatusCode, ok: bool, message: &str) -> Response<Vec<u8>> {
+    let mut b = format!("{{\"ok\":{ok},\"message\":");
+    json_str(&mut b, message);
+    b.push_str("}\n");
+    reply(status, "application/json", b)
+}
+
 impl Admin {
     /// 200 `ok`, or 503 `draining` while a drain runs (a load balancer or a readiness
     /// probe then takes the edge out), with the tunnels still open.
@@ -108,10 +116,7 @@ impl Admin {
                 format!("already draining ({open} tunnels open)"),
             ),
         };
-        let mut b = "{\"ok\":true,\"message\":".to_string();
-        json_str(&mut b, &message);
-        b.push_str("}\n");
-        reply(status, "application/json", b)
+        outcome(status, true, &message)
     }
 
     /// `POST /drain/cancel`: upgrades are served again; tunnels not yet told stay open.
@@ -132,10 +137,7 @@ impl Admin {
                 "the process is stopping (SIGTERM or an upgrade): its drain cannot be cancelled",
             ),
         };
-        let mut b = format!("{{\"ok\":{ok},\"message\":");
-        json_str(&mut b, message);
-        b.push_str("}\n");
-        reply(status, "application/json", b)
+        outcome(status, ok, message)
     }
 
     async fn reload(&self) -> Response<Vec<u8>> {
@@ -143,10 +145,7 @@ impl Admin {
             Ok(m) => (StatusCode::OK, true, m),
             Err(m) => (StatusCode::UNPROCESSABLE_ENTITY, false, m),
         };
-        let mut b = format!("{{\"ok\":{ok},\"message\":");
-        json_str(&mut b, &message);
-        b.push_str("}\n");
-        reply(status, "application/json", b)
+        outcome(status, ok, &message)
     }
 
     fn metrics(&self) -> Response<Vec<u8>> {

@@ -7,7 +7,7 @@
 //! loading or building is caught and reported like an invalid file, and the next reload
 //! works.
 
-use crate::config::{Admin, Config, ConfigError};
+use crate::config::{Admin, Config, ConfigError, DRAIN_CLOSING};
 use crate::observe::access_log::AccessLog;
 use crate::sites::router::{Lasting, Router, SharedRouter};
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ pub struct Reloader {
     current: Mutex<Config>,
     last: Mutex<Option<ReloadStatus>>,
     access_log: Option<Arc<AccessLog>>,
+    /// The grace period the process runs with (from the file it started with: Pingora
+    /// reads it once), which every reloaded `drain.spread` must still fit in.
+    grace: std::time::Duration,
 }
 
 impl Reloader {
@@ -43,6 +46,7 @@ impl Reloader {
     pub fn new(config: Config, router: SharedRouter, lasting: Arc<Lasting>) -> Reloader {
         Reloader {
             path: config.source.clone(),
+            grace: config.grace_period,
             router,
             lasting,
             current: Mutex::new(config),
@@ -92,11 +96,18 @@ impl Reloader {
             Ok(Err(e)) => Err(format!(
                 "reload failed, still serving the previous configuration: {e}"
             )),
+            Ok(Ok((new, _))) if new.drain.spread + DRAIN_CLOSING > self.grace => Err(format!(
+                "reload failed, still serving the previous configuration: {}: drain.spread ({}s) and the closing handshakes after it ({}s) do not fit in the grace period this process runs with ({}s): pingora.grace_period_seconds changes only with a restart",
+                self.path.display(),
+                new.drain.spread.as_secs_f64(),
+                DRAIN_CLOSING.as_secs(),
+                self.grace.as_secs()
+            )),
             Ok(Ok((new, router))) => {
                 // Lock poisoning would mean a panic while swapping; the data is still whole.
                 let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
                 self.router.store(Arc::new(router));
-                self.lasting.drain.set_settings(drain_settings(&new));
+                self.lasting.drain.set_settings(new.drain);
                 if let Some(log) = &self.access_log {
                     log.reopen(&new.access_log);
                 }
@@ -189,13 +200,5 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(panic) => panic_text(&*panic),
         Err(e) => e.to_string(),
-    }
-}
-
-/// The drain's settings in a configuration.
-pub fn drain_settings(config: &Config) -> crate::policy::drain::Settings {
-    crate::policy::drain::Settings {
-        spread: config.drain.spread,
-        close_code: config.drain.close_code,
     }
 }

@@ -10,8 +10,11 @@
 //! but holding one waiter.
 
 use rand::Rng;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::Duration;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
@@ -67,13 +70,7 @@ impl Order {
 }
 
 /// The settings a drain starts with (`drain:` in the file; a reload may change them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    /// The window over which tunnels are told to go.
-    pub spread: Duration,
-    /// The code of the Close frames (1001 by default).
-    pub close_code: u16,
-}
+pub use crate::config::DrainSettings as Settings;
 
 #[derive(Debug)]
 struct State {
@@ -138,7 +135,6 @@ impl Drain {
                 if o.kind == Kind::Admin && kind != Kind::Admin {
                     // The tunnels keep their moments; what they are told changes.
                     o.kind = kind;
-                    self.epoch.fetch_add(1, Ordering::AcqRel);
                 }
                 return false;
             }
@@ -151,9 +147,8 @@ impl Drain {
                 close_code: s.settings.close_code,
             });
             self.draining.store(true, Ordering::Release);
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.changed();
         }
-        self.notify.notify_waiters();
         true
     }
 
@@ -169,10 +164,26 @@ impl Drain {
             }
             s.order = None;
             self.draining.store(false, Ordering::Release);
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.changed();
         }
-        self.notify.notify_waiters();
         Ok(())
+    }
+
+    /// Moves the epoch on and wakes every waiter; called with the state locked, so that
+    /// [`Self::arm`] sees either both or neither.
+    fn changed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Arms `wake` with the task's waker (a waiter that fired is replaced) and returns the
+    /// epoch it is armed for: any later start or cancel moves the epoch and wakes the task.
+    pub fn arm(&self, wake: &mut Pin<Box<OwnedNotified>>, cx: &mut Context<'_>) -> u64 {
+        let _state = self.state();
+        while wake.as_mut().poll(cx).is_ready() {
+            *wake = Box::pin(self.waiter());
+        }
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Whether a drain runs (upgrades are refused).

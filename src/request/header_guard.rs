@@ -156,20 +156,24 @@ where
             }
         };
         let max = self.limits.max_header_bytes;
+        // Lines before this are whole and checked: each read is scanned once, however the
+        // header is trickled in.
+        let mut scanned = 0;
         let end = loop {
             // RFC 9112 §2.2: empty lines before a request line are ignored.
             while conn.stash.starts_with(b"\r\n") {
                 let _ = conn.stash.split_to(2);
+                scanned = 0;
             }
-            match head_end(&conn.stash) {
-                Ok(Some(end)) if end > max => {
+            match head_end(&conn.stash, scanned) {
+                Ok(Ok(end)) if end > max => {
                     return Err(NoHead::Refused(Refusal::bare(Answer::HeaderTooLarge)))
                 }
-                Ok(Some(end)) => break end,
-                Ok(None) if conn.stash.len() > max => {
+                Ok(Ok(end)) => break end,
+                Ok(Err(_)) if conn.stash.len() > max => {
                     return Err(NoHead::Refused(Refusal::bare(Answer::HeaderTooLarge)))
                 }
-                Ok(None) => {}
+                Ok(Err(resume)) => scanned = resume,
                 Err(BareLf) => {
                     return Err(NoHead::Refused(Refusal::bare(Answer::Malformed(
                         "Request header lines must end with CRLF.\n",
@@ -387,19 +391,18 @@ struct BareLf;
 /// Where the header in `buf` ends (just past its empty line), if it is complete. A bare LF
 /// (RFC 9112 §2.2 allows a server to accept it, but proxies that disagree on it can be
 /// made to see different requests) is refused.
-fn head_end(buf: &[u8]) -> Result<Option<usize>, BareLf> {
-    let mut from = 0;
+fn head_end(buf: &[u8], mut from: usize) -> Result<Result<usize, usize>, BareLf> {
     while let Some(i) = buf[from..].iter().position(|&b| b == b'\n') {
         let lf = from + i;
         if lf == 0 || buf[lf - 1] != b'\r' {
             return Err(BareLf);
         }
         if lf >= 3 && &buf[lf - 3..=lf] == b"\r\n\r\n" {
-            return Ok(Some(lf + 1));
+            return Ok(Ok(lf + 1));
         }
         from = lf + 1;
     }
-    Ok(None)
+    Ok(Err(from))
 }
 
 /// Parses a complete header and decides its framing: what Pingora would refuse with a 400
@@ -533,15 +536,30 @@ mod tests {
     #[test]
     fn head_ends_and_bare_lf() {
         assert!(matches!(
-            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest"),
-            Ok(Some(27))
+            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest", 0),
+            Ok(Ok(27))
         ));
         assert!(matches!(
-            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"),
-            Ok(None)
+            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0),
+            Ok(Err(_))
         ));
-        assert!(head_end(b"GET / HTTP/1.1\nHost: a\n\n").is_err());
-        assert!(head_end(b"GET / HTTP/1.1\r\nHost: a\n\r\n").is_err());
+        assert!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0).is_err());
+        assert!(head_end(b"GET / HTTP/1.1\r\nHost: a\n\r\n", 0).is_err());
+        // Resumed where the last scan stopped, the same head is found, byte by byte too.
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest";
+        let mut scanned = 0;
+        let mut found = None;
+        for n in 1..=head.len() {
+            match head_end(&head[..n], scanned) {
+                Ok(Ok(end)) => {
+                    found = Some(end);
+                    break;
+                }
+                Ok(Err(resume)) => scanned = resume,
+                Err(BareLf) => panic!("bare LF at {n}"),
+            }
+        }
+        assert_eq!(found, Some(27));
     }
 
     fn framing_of(head: &str) -> Result<Framing, Answer> {

@@ -795,6 +795,40 @@ mod tests {
         }
     }
 
+    /// Hostile headers: a 64-bit length with its top bit set, a control frame over 125
+    /// bytes, a fragmented control frame. Without rules the stream is lost (relayed as it
+    /// comes, never written into); under a limit the direction stops before them. A Close
+    /// with a 1-byte payload has no code.
+    #[test]
+    fn hostile_headers_lose_the_stream_or_stop_it_under_a_limit() {
+        let mut huge = vec![0x82, 127];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        let long_ping = frame(true, 9, &[0u8; 126], None);
+        let fragmented_ping = frame(false, 9, b"p", None);
+        for bad in [huge, long_ping, fragmented_ping] {
+            let mut free = Scanner::default();
+            let mut got = Vec::new();
+            free.feed(&bad, false, &mut |b: &[u8]| got.extend_from_slice(b));
+            assert!(free.lost() && got == bad, "{bad:?}");
+            let mut limited = Scanner::new(Rules {
+                max_message: Some(1 << 20),
+                ..Rules::default()
+            });
+            let mut got = Vec::new();
+            let fed = limited.feed(&bad, false, &mut |b: &[u8]| got.extend_from_slice(b));
+            assert_eq!(
+                fed.stop,
+                Some(Stop::Violation(Violation::NotWebSocket)),
+                "{bad:?}"
+            );
+            assert!(got.is_empty(), "nothing of {bad:?} passes");
+        }
+        let mut r = Scanner::default();
+        let fed = r.feed(&frame(true, 8, &[0x03], None), false, &mut |_: &[u8]| {});
+        assert!(fed.close && r.close_seen());
+        assert_eq!(r.close_code(), None);
+    }
+
     #[test]
     fn close_without_code_and_garbage_stop_cleanly() {
         let mut r = Scanner::default();

@@ -426,7 +426,7 @@ impl DrainLink {
         if self.seen == Some(epoch) {
             return false;
         }
-        self.rearm(cx, epoch);
+        self.rearm(cx);
         true
     }
 
@@ -434,12 +434,8 @@ impl DrainLink {
     /// moment redrawn. Kept out of line: the relay's hot path only compares the epoch.
     #[cold]
     #[inline(never)]
-    fn rearm(&mut self, cx: &mut Context<'_>, epoch: u64) {
-        self.seen = Some(epoch);
-        // A waiter that is ready was used up: a new one, registered by its first poll.
-        while self.wake.as_mut().poll(cx).is_ready() {
-            self.wake = Box::pin(self.hub.waiter());
-        }
+    fn rearm(&mut self, cx: &mut Context<'_>) {
+        self.seen = Some(self.hub.arm(&mut self.wake, cx));
         self.redraw();
     }
 

@@ -10,9 +10,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 fn config(origin: SocketAddr, top: &str) -> String {
     format!(
         r#"{top}
@@ -27,20 +24,7 @@ resources:
 }
 
 async fn open(addr: SocketAddr, n: usize) -> Vec<Ws> {
-    let mut all = Vec::with_capacity(n);
-    for chunk in 0..n.div_ceil(50) {
-        let batch = (chunk * 50..((chunk + 1) * 50).min(n))
-            .map(|_| tokio_tungstenite::connect_async(format!("ws://{addr}/ws")));
-        for r in within(
-            "open a batch of tunnels",
-            futures_util::future::join_all(batch),
-        )
-        .await
-        {
-            all.push(r.expect("tunnel opens").0);
-        }
-    }
-    all
+    open_tunnels(&format!("ws://{addr}/ws"), n).await
 }
 
 /// What a client saw at the end of its tunnel.
@@ -437,21 +421,36 @@ async fn sessions_that_reconnect_on_close_live_through_a_graceful_upgrade() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn a_reload_cannot_stretch_the_spread_past_the_grace_period_the_process_runs_with() {
+    let origin = Origin::start(Mode::Echo).await;
+    let top = |grace: u64, spread: &str| {
+        format!("pingora: {{ grace_period_seconds: {grace} }}\ndrain: {{ spread: {spread} }}")
+    };
+    let edge = Edge::start(&config(origin.addr, &top(10, "2s")));
+    let path = edge.dir.join("wsedge.yaml");
+    // The file alone is valid (grace 300), but Pingora keeps the grace period it started
+    // with (10 s): a 200 s spread would be cut short with no Close.
+    std::fs::write(&path, with_admin(&config(origin.addr, &top(300, "200s")))).unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("restart"), "{body}");
+    // What fits in the running grace period is taken.
+    std::fs::write(&path, with_admin(&config(origin.addr, &top(300, "7s")))).unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(edge.admin_request("POST", "/drain").await.0, 202);
+    let health = edge.admin_request("GET", "/healthz").await.1;
+    assert!(health.contains("\"spread_seconds\":7.0"), "{health}");
+}
+
 #[test]
 fn drain_keys_refuse_hostile_values_with_line_and_key() {
     let check = |top: &str| {
         let yaml = format!(
             "{top}\nlisten: {{ http: [\"127.0.0.1:0\"] }}\nresources:\n  - name: r\n    hostnames: [a.example]\n    origin: {{ servers: [{{ address: \"127.0.0.1:9\" }}] }}\n"
         );
-        let dir = scratch_dir("drain-conf");
-        let path = dir.join("d.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let out = std::process::Command::new(wsedge_bin())
-            .args(["-t", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let out = check_config("d.yaml", &yaml);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -461,6 +460,7 @@ fn drain_keys_refuse_hostile_values_with_line_and_key() {
         "drain: { spread: 30s, close_code: 1001 }",
         "drain: { spread: 0 }",
         "drain: { spread: 0s, close_code: 1012 }",
+        "drain: { spread: 0m }",
         "drain: { close_code: 4000 }",
         "pingora: { grace_period_seconds: 3 }",
         "pingora: { grace_period_seconds: 25 }\ndrain: { spread: 22s }",

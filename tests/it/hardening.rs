@@ -85,17 +85,7 @@ fn targets(origin: &Origin) -> Vec<String> {
 }
 
 fn check_file(yaml: &str) -> std::process::Output {
-    let dir = scratch_dir("check");
-    let path = dir.join("wsedge.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(wsedge_bin())
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    out
+    check_config("wsedge.yaml", yaml)
 }
 
 type Heads = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
@@ -899,6 +889,18 @@ async fn admin_refuses_web_pages_foreign_hosts_and_posts_without_the_token() {
             401,
         ),
         ("POST", "/reload", format!("{host}{auth}"), 200),
+        // The drain endpoints are POSTs like /reload, with the same guard.
+        (
+            "POST",
+            "/drain",
+            format!("{host}{auth}Origin: https://attacker.test\r\n"),
+            403,
+        ),
+        ("POST", "/drain", host.clone(), 401),
+        ("POST", "/drain/cancel", host.clone(), 401),
+        ("GET", "/drain", format!("{host}{auth}"), 405),
+        ("POST", "/drain/", format!("{host}{auth}"), 404),
+        ("POST", "/drain/cancel", format!("{host}{auth}"), 409),
     ] {
         let (code, body) = edge.admin_request_with(method, path, &headers).await;
         assert_eq!(code, want, "{method} {path} {headers:?}: {body}");

@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 fn config(origin: SocketAddr, round: usize, valid: bool, pingora: &str) -> String {
     let typo = if valid { "" } else { "\n    surprise_key: 1" };
     with_admin(&format!(
@@ -39,20 +36,7 @@ async fn handshake_status(edge: &Edge, host: &str, path: &str) -> u16 {
 }
 
 async fn open_tunnels(edge: &Edge, n: usize) -> Vec<Ws> {
-    let mut all = Vec::with_capacity(n);
-    for chunk in 0..n.div_ceil(50) {
-        let batch = (chunk * 50..((chunk + 1) * 50).min(n))
-            .map(|_| tokio_tungstenite::connect_async(edge.url("/ws")));
-        for r in within(
-            "open a batch of tunnels",
-            futures_util::future::join_all(batch),
-        )
-        .await
-        {
-            all.push(r.expect("tunnel opens").0);
-        }
-    }
-    all
+    crate::common::open_tunnels(&edge.url("/ws"), n).await
 }
 
 /// Every tunnel sends `tag-i` and must get exactly that back next.

@@ -13,18 +13,7 @@ use tokio::net::TcpStream;
 /// A wsedge in front of a raw origin, with these `websocket` keys.
 async fn setup(ws: &str) -> (Edge, RawOrigin) {
     let origin = RawOrigin::start().await;
-    let yaml = format!(
-        r#"
-listen: {{ http: ["127.0.0.1:0"] }}
-resources:
-  - name: test
-    hostnames: ["127.0.0.1", "localhost"]
-    origin:
-      servers: [{{ address: "{}" }}]
-    websocket: {{ handshake_timeout: 2s, {ws} }}
-"#,
-        origin.addr
-    );
+    let yaml = crate::common::resource_with(origin.addr, &format!("handshake_timeout: 2s, {ws}"));
     (Edge::start(&yaml), origin)
 }
 
@@ -480,15 +469,7 @@ fn check(ws: &str) -> (bool, String) {
     let yaml = format!(
         "listen: {{ http: [\"127.0.0.1:0\"] }}\nresources:\n  - name: r\n    hostnames: [a.example]\n    origin: {{ servers: [{{ address: \"127.0.0.1:9\" }}] }}\n    websocket:\n{ws}"
     );
-    let dir = crate::common::scratch_dir("speaks-conf");
-    let path = dir.join("w.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(crate::common::wsedge_bin())
-        .args(["-t", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let out = crate::common::check_config("w.yaml", &yaml);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -273,3 +273,18 @@ pub fn with_admin(yaml: &str) -> String {
         format!("admin: \"127.0.0.2:0\"\n{yaml}")
     }
 }
+
+/// `wsedge -t` on `yaml` written to a scratch file named `name` (errors name it): the
+/// process's output.
+pub fn check_config(name: &str, yaml: &str) -> std::process::Output {
+    let dir = scratch_dir("check");
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(wsedge_bin())
+        .args(["-t", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}

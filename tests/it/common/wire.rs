@@ -12,6 +12,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A minimal YAML for one resource pointing at `origin`, listening on 127.0.0.1:0.
 pub fn one_resource(origin: SocketAddr, extra_ws: &str) -> String {
+    resource_with(
+        origin,
+        &format!("idle_timeout: 30s, handshake_timeout: 2s {extra_ws}"),
+    )
+}
+
+/// One resource `test` pointing at `origin`, with exactly these `websocket` keys.
+pub fn resource_with(origin: SocketAddr, websocket: &str) -> String {
     format!(
         r#"
 listen: {{ http: ["127.0.0.1:0"] }}
@@ -20,9 +28,30 @@ resources:
     hostnames: ["127.0.0.1", "localhost"]
     origin:
       servers: [{{ address: "{origin}" }}]
-    websocket: {{ idle_timeout: 30s, handshake_timeout: 2s {extra_ws} }}
+    websocket: {{ {websocket} }}
 "#
     )
+}
+
+/// Type of a client WebSocket as `connect_async` gives it.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `n` tunnels to `url`, 50 at a time, each within the test step.
+pub async fn open_tunnels(url: &str, n: usize) -> Vec<Ws> {
+    let mut all = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(50) {
+        let batch = (chunk * 50..((chunk + 1) * 50).min(n))
+            .map(|_| tokio_tungstenite::connect_async(url.to_string()));
+        let opened = super::within(
+            "open a batch of tunnels",
+            futures_util::future::join_all(batch),
+        );
+        for r in opened.await {
+            all.push(r.expect("tunnel opens").0);
+        }
+    }
+    all
 }
 
 /// Sends a raw HTTP request and reads the whole answer (until the server closes or the
