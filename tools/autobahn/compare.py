@@ -34,7 +34,7 @@ if a.differing:
     print(",".join(sorted({c for c, *_ in differing}, key=key)))
     sys.exit(0)
 for agent in [a.direct] + through:
-    counts = collections.Counter(min(r)[0] for r in seen[agent].values())
+    counts = collections.Counter(min(r, key=str)[0] for r in seen[agent].values())
     print(f"  {agent}: {len(seen[agent])} cases, {dict(sorted(counts.items()))}")
 for case, agent, d, g in differing:
     print(f"  DIFFERS {case}: direct {d}, {agent} {g}")
