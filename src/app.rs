@@ -193,9 +193,18 @@ impl Edge {
             .client
             .max_requests_per_connection
             .map(|n| n.saturating_sub(1));
-        http.server_options = Some(options);
         let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
         h2.max_header_list_size(u32::try_from(config.client.max_header_bytes).unwrap_or(u32::MAX));
+        // h2 runs only on the TLS listeners (no h2c). With `h2_websockets`, they advertise
+        // RFC 8441's extended CONNECT, and CONNECT reaches the hooks instead of Pingora's 405:
+        // the gate serves `:protocol websocket` and refuses any other CONNECT itself (the
+        // header guard refuses HTTP/1.1 CONNECT before Pingora sees it).
+        if config.listen.h2_websockets && !config.listen.https.is_empty() {
+            options.allow_connect_method_proxying = true;
+            h2.enable_connect_protocol();
+            crate::streams::h2_stream::tune(&mut h2);
+        }
+        http.server_options = Some(options);
         http.h2_options = Some(h2);
         let http = Arc::new(http);
         let guard = || {
@@ -224,8 +233,7 @@ impl Edge {
                     why: format!("TLS: {e}"),
                 })?;
             settings.set_cert_resolver(Arc::new(SniResolver::new(self.router.clone())));
-            // h2 for plain requests; WebSocket upgrades stay on HTTP/1.1 (no RFC 8441), and
-            // browsers open WebSockets on a connection of their own, offering http/1.1.
+            // h2 for plain requests and (with `h2_websockets`) WebSockets as h2 streams.
             settings.enable_h2();
             let acceptor = Arc::new(settings.build());
             let app = guard().with_tls(acceptor);

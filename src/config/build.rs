@@ -123,6 +123,7 @@ impl Builder<'_> {
         Ok(Listen {
             http: f.listen.http.iter().map(|a| a.0).collect(),
             https: f.listen.https.iter().map(|a| a.0).collect(),
+            h2_websockets: f.listen.h2_websockets.unwrap_or(true),
         })
     }
 

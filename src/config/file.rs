@@ -71,6 +71,8 @@ pub struct ListenFile {
     pub https: Vec<Addr>,
     /// Served to TLS clients whose SNI matches no resource (else their handshake fails).
     pub default_certificate: Option<TlsFile>,
+    /// WebSockets over HTTP/2 (RFC 8441) on the https listeners; on by default.
+    pub h2_websockets: Option<bool>,
 }
 
 /// A certificate chain and its private key, PEM files.

@@ -87,6 +87,9 @@ pub struct Listen {
     pub http: Vec<SocketAddr>,
     /// HTTPS and `wss://` listeners.
     pub https: Vec<SocketAddr>,
+    /// Whether HTTPS listeners take WebSockets over HTTP/2 (RFC 8441 extended CONNECT,
+    /// advertised with `SETTINGS_ENABLE_CONNECT_PROTOCOL`).
+    pub h2_websockets: bool,
 }
 
 /// One CDN resource: a set of hostnames served from one origin group.

@@ -35,6 +35,10 @@ pub fn admit(
     draining: bool,
 ) -> Result<Admitted, Answer> {
     let ws = &res.websocket;
+    // A CONNECT that is not a WebSocket's has no path to check: the edge is not a proxy.
+    if req.method == http::Method::CONNECT && !handshake::is_extended_connect(req) {
+        return Err(Answer::MethodNotAllowed);
+    }
     let path = check(res, req.uri.path())?.into_owned();
     handshake::check(req)?;
     let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());

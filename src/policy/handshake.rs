@@ -1,22 +1,44 @@
-//! RFC 6455 §4.2.1 checks on an upgrade request. Pure functions over the request header:
-//! no I/O, so they are unit-tested and fuzzable.
+//! RFC 6455 §4.2.1 checks on an upgrade request, and RFC 8441 §4–5 on a WebSocket over
+//! HTTP/2 (an extended CONNECT). Pure functions over the request header: no I/O, so they
+//! are unit-tested and fuzzable.
 
 use super::answer::Answer;
 use http::{header, HeaderMap, Method, Version};
 use pingora::http::RequestHeader;
 
-/// Whether the request asks for a protocol upgrade at all (any `Upgrade` header), which is
-/// what makes Pingora tunnel it, so every such request goes through [`check`].
+/// Whether the request asks to leave HTTP: any `Upgrade` header (what makes Pingora tunnel
+/// an HTTP/1.1 request) or a CONNECT (on HTTP/2, an extended CONNECT is how a WebSocket
+/// opens), so every such request goes through [`check`].
 pub fn is_upgrade(req: &RequestHeader) -> bool {
-    req.headers.contains_key(header::UPGRADE)
+    req.headers.contains_key(header::UPGRADE) || req.method == Method::CONNECT
 }
 
-/// Checks an upgrade request against RFC 6455 §4.2.1. `Ok` means a well-formed WebSocket
-/// opening handshake.
+/// Whether the request is an HTTP/2 extended CONNECT (RFC 8441: a `:protocol`).
+pub fn is_extended_connect(req: &RequestHeader) -> bool {
+    req.version == Version::HTTP_2 && req.method == Method::CONNECT && protocol(req).is_some()
+}
+
+/// The `:protocol` of an HTTP/2 request.
+fn protocol(req: &RequestHeader) -> Option<&str> {
+    req.extensions
+        .get::<h2::ext::Protocol>()
+        .map(|p| p.as_str())
+}
+
+/// Checks an upgrade request: an HTTP/1.1 one against RFC 6455 §4.2.1, an HTTP/2 one
+/// against RFC 8441 §4–5 ([`check_h2`]). `Ok` means a well-formed WebSocket opening
+/// handshake.
 pub fn check(req: &RequestHeader) -> Result<(), Answer> {
     let h = &req.headers;
+    if req.version == Version::HTTP_2 {
+        return check_h2(req);
+    }
+    // The edge is not a forward proxy.
+    if req.method == Method::CONNECT {
+        return Err(Answer::MethodNotAllowed);
+    }
     // §4.1: "The method of the request MUST be GET, and the HTTP version MUST be at least
-    // 1.1." HTTP/2 has no Upgrade (RFC 9113 §8.2.2); RFC 8441 is not supported.
+    // 1.1." (HTTP/2 has no Upgrade, RFC 9113 §8.2.2: it has extended CONNECT.)
     if req.version != Version::HTTP_11 {
         return Err(Answer::Malformed("A WebSocket upgrade needs HTTP/1.1.\n"));
     }
@@ -42,15 +64,51 @@ pub fn check(req: &RequestHeader) -> Result<(), Answer> {
     }
     // A body on an upgrade would be read as tunnel bytes by one side and as a body by the
     // other: refuse it (request smuggling into the tunnel).
-    let has_body = h.contains_key(header::TRANSFER_ENCODING)
-        || h.get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes() != b"0");
-    if has_body {
+    if h.contains_key(header::TRANSFER_ENCODING) || has_length(h) {
         return Err(Answer::Malformed(
             "A WebSocket upgrade must not carry a body.\n",
         ));
     }
+    origin_and_version(h)
+}
+
+/// RFC 8441 §4–5 on an HTTP/2 request that asks to leave HTTP: a CONNECT with `:protocol
+/// websocket` (a plain CONNECT is a forward proxy's, 405), no length (its DATA is the
+/// tunnel), and what RFC 6455 asks that still applies (one `Origin`, version 13). There is
+/// no `Sec-WebSocket-Key`: one sent is not used.
+pub fn check_h2(req: &RequestHeader) -> Result<(), Answer> {
+    let h = &req.headers;
+    if req.method != Method::CONNECT {
+        return Err(Answer::Malformed(
+            "Over HTTP/2, a WebSocket opens with an extended CONNECT (RFC 8441).\n",
+        ));
+    }
+    match protocol(req) {
+        None => return Err(Answer::MethodNotAllowed),
+        Some(p) if !p.eq_ignore_ascii_case("websocket") => {
+            return Err(Answer::Malformed(
+                "Only WebSocket is tunnelled (:protocol websocket).\n",
+            ))
+        }
+        Some(_) => {}
+    }
+    if has_length(h) {
+        return Err(Answer::Malformed(
+            "A WebSocket CONNECT must not carry a content-length.\n",
+        ));
+    }
+    origin_and_version(h)
+}
+
+/// A `Content-Length` other than 0.
+fn has_length(h: &HeaderMap) -> bool {
+    h.get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.as_bytes() != b"0")
+}
+
+/// At most one `Origin`, and `Sec-WebSocket-Version: 13`.
+fn origin_and_version(h: &HeaderMap) -> Result<(), Answer> {
     // The allow-list is checked against one Origin; with two, the origin would get both and
     // might read the other one.
     if h.get_all(header::ORIGIN).iter().nth(1).is_some() {
@@ -170,5 +228,68 @@ mod tests {
             check(&req(&[("Sec-WebSocket-Version", "13, 8")])),
             Err(Answer::UnsupportedVersion)
         );
+    }
+
+    fn h2(protocol: Option<&str>, extra: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("CONNECT", b"/ws", None).unwrap();
+        r.set_version(Version::HTTP_2);
+        if let Some(p) = protocol {
+            r.extensions_mut().insert(h2::ext::Protocol::from(p));
+        }
+        if !extra
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-version"))
+        {
+            r.insert_header("sec-websocket-version", "13").unwrap();
+        }
+        for (k, v) in extra {
+            if !v.is_empty() {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn extended_connect_over_h2() {
+        assert_eq!(check(&h2(Some("websocket"), &[])), Ok(()));
+        assert_eq!(check(&h2(Some("WebSocket"), &[])), Ok(()));
+        assert!(is_extended_connect(&h2(Some("websocket"), &[])));
+        assert!(!is_extended_connect(&h2(None, &[])));
+        // A key is not used over h2; one sent does not matter.
+        assert_eq!(
+            check(&h2(Some("websocket"), &[("sec-websocket-key", "x")])),
+            Ok(())
+        );
+        // A plain CONNECT is a forward proxy's: 405, and over HTTP/1.1 too.
+        assert_eq!(check(&h2(None, &[])), Err(Answer::MethodNotAllowed));
+        let mut h1_connect = req(&[]);
+        h1_connect.set_method(Method::CONNECT);
+        assert_eq!(check(&h1_connect), Err(Answer::MethodNotAllowed));
+        assert!(is_upgrade(&h2(None, &[])));
+        for (protocol, extra) in [
+            (Some("webtransport"), &[][..]),
+            (Some(""), &[]),
+            (Some("websocket"), &[("content-length", "5")]),
+            (Some("websocket"), &[("sec-websocket-version", "")]),
+            (
+                Some("websocket"),
+                &[("origin", "https://a.b"), ("origin", "https://c.d")],
+            ),
+        ] {
+            assert_eq!(
+                check(&h2(protocol, extra)).map_err(Answer::status),
+                Err(400),
+                "{protocol:?} {extra:?}"
+            );
+        }
+        assert_eq!(
+            check(&h2(Some("websocket"), &[("sec-websocket-version", "8")])),
+            Err(Answer::UnsupportedVersion)
+        );
+        // An HTTP/2 GET is not a WebSocket opening.
+        let mut get = h2(Some("websocket"), &[]);
+        get.set_method(Method::GET);
+        assert_eq!(check(&get).map_err(Answer::status), Err(400));
     }
 }

@@ -142,6 +142,13 @@ impl EdgeProxy {
     ) -> Result<()> {
         let res = &site.resource;
         let mut header = session.req_header().clone();
+        // An HTTP/2 client's extended CONNECT goes to the origin as an HTTP/1.1 upgrade,
+        // with a key of the edge's own.
+        let h2 = handshake::is_extended_connect(&header);
+        let h2_key = match h2 {
+            true => Some(tunnel::over_h2::upgrade_request(&mut header)?),
+            false => None,
+        };
         // What the origin gets is what the gate checked.
         let target = match session.req_header().uri.query() {
             Some(q) => format!("{}?{q}", admitted.path),
@@ -167,6 +174,7 @@ impl EdgeProxy {
                 client_ip: client_ip(session),
                 tls: client_tls(session),
                 detachable: self.unbuffered_listeners,
+                h2,
             },
             report: Reporting {
                 site: site.stats.clone(),
@@ -175,10 +183,21 @@ impl EdgeProxy {
             },
             slot: admitted.slot,
             drain: Some(self.drain.clone()),
+            h2_key,
         };
         match tunnel::open(session, &self.connector, request).await? {
             // Counted as an `ok` handshake when its 101 went out; it logs itself.
-            Outcome::Opened => ctx.tunnel = true,
+            Outcome::Opened => {
+                ctx.tunnel = true;
+                site.stats.response(101);
+            }
+            // An HTTP/2 stream's tunnel runs here, in the stream's task, which keeps its
+            // connection from being closed as idle while it lasts.
+            Outcome::Streaming(relay) => {
+                ctx.tunnel = true;
+                site.stats.response(200);
+                relay.await;
+            }
             Outcome::Refused(status) => {
                 log::info!(
                     "resource {}: origin refused the upgrade with {status}",
@@ -370,12 +389,10 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        // A tunnel took the connection out of the session: its answer was the 101. It logs
-        // itself when it closes (also at shutdown, when this is not called).
+        // A tunnel took the connection (or stream) out of the session; its answer was
+        // counted when it went out, and it logs itself when it closes (also at shutdown,
+        // when this is not called).
         if ctx.tunnel {
-            if let Some(site) = &ctx.site {
-                site.stats.response(101);
-            }
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

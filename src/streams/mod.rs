@@ -1,8 +1,10 @@
 //! Connections as Pingora streams of wsedge's own: the client connection behind the header
-//! guard ([`client_conn::ClientConn`]) and a bare TCP socket ([`bare_tcp::BareTcp`]).
+//! guard ([`client_conn::ClientConn`]) and a bare TCP socket ([`bare_tcp::BareTcp`]); and a
+//! WebSocket's HTTP/2 stream as a byte stream ([`h2_stream::H2Stream`]).
 
 pub mod bare_tcp;
 pub mod client_conn;
+pub mod h2_stream;
 
 /// Implements `AsyncWrite` for `$ty` by writing through its field `$field`: both streams
 /// here only change how they are read.

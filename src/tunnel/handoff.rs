@@ -7,6 +7,7 @@
 
 use crate::streams::bare_tcp::BareTcp;
 use crate::streams::client_conn::ClientConn;
+use crate::streams::h2_stream::H2Stream;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use pingora::protocols::http::ServerSession;
@@ -39,6 +40,19 @@ pub(crate) fn take_client(session: &mut Session) -> Option<(Stream, Option<Bytes
             let early = poll_preread(h1.read_body_bytes());
             Some((h1.into_inner(), early))
         }
+        other => {
+            *session.downstream_session = other;
+            None
+        }
+    }
+}
+
+/// Takes an HTTP/2 stream out of the session after its `200` was written (the session is
+/// left with an empty stand-in, as for HTTP/1.1).
+pub(crate) fn take_h2(session: &mut Session) -> Option<H2Stream> {
+    let stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::<u8>::new())));
+    match std::mem::replace(&mut *session.downstream_session, stand_in) {
+        ServerSession::H2(h2) => H2Stream::new(Box::new(h2)),
         other => {
             *session.downstream_session = other;
             None

@@ -8,7 +8,8 @@
 //! ready branches, so the order depends on scheduling and no hook can fix it.
 //!
 //! The family, in the order a tunnel lives: this module connects to the origin and reads
-//! its answer; [`handoff`] takes the connections out of Pingora; [`relay`] moves the bytes;
+//! its answer (for an HTTP/2 client, [`over_h2`] makes the upgrade and checks the answer);
+//! [`handoff`] takes the connections out of Pingora; [`relay`] moves the bytes;
 //! [`frames`] reads frame headers and writes the edge's own frames; [`heartbeat`] pings
 //! quiet sides; [`closing`] says who gets which Close when a tunnel ends; [`tally`] counts
 //! the bytes and records the tunnel's end.
@@ -17,6 +18,7 @@ pub mod closing;
 pub mod frames;
 mod handoff;
 pub mod heartbeat;
+pub mod over_h2;
 pub mod relay;
 pub mod tally;
 
@@ -28,13 +30,17 @@ use crate::policy::handshake::has_token;
 use crate::policy::limits::Slot;
 use crate::sites::origin::{self, OriginGroup};
 use crate::streams::bare_tcp::BareTcp;
-use handoff::{detach, poll_preread, take_client};
+use bytes::Bytes;
+use handoff::{detach, poll_preread, take_client, take_h2};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as OriginSession;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use relay::Relay;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tally::{Reporting, TunnelGuard, TunnelInfo};
@@ -42,11 +48,14 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at};
 
 /// What became of an upgrade request the gate allowed.
-#[derive(Debug)]
 pub enum Outcome {
     /// The 101 went out and the tunnel runs as a task of its own (its guard records it
     /// when it ends).
     Opened,
+    /// The `200` went out on the client's HTTP/2 stream: the tunnel is this future, to be
+    /// run in the stream's own task (an HTTP/2 connection counts its streams by their
+    /// tasks, and closes one it thinks idle).
+    Streaming(Pin<Box<dyn Future<Output = ()> + Send>>),
     /// The origin answered with something other than 101, which was passed on unchanged.
     Refused(u16),
     /// The origin failed: the edge answers for it (502, 504).
@@ -69,6 +78,9 @@ pub struct Request<'a> {
     pub slot: Slot,
     /// The edge's drain, which tells the tunnel to go when it comes to it.
     pub drain: Option<Arc<Drain>>,
+    /// For a client on HTTP/2, the `Sec-WebSocket-Key` the edge made for the origin
+    /// ([`over_h2::upgrade_request`]).
+    pub h2_key: Option<String>,
 }
 
 /// Sends the upgrade to the resource's origin group and, on 101, hands the connections to
@@ -87,6 +99,7 @@ pub async fn open(
         report,
         slot,
         drain,
+        h2_key,
     } = tunnel;
     let Some((mut up, server)) = send_upgrade(res, group, connector, &req, &info).await else {
         return Ok(Outcome::Failed(Answer::OriginUnreachable));
@@ -111,21 +124,27 @@ pub async fn open(
         );
         return Ok(Outcome::Failed(Answer::OriginInvalid));
     }
+    if let Some(key) = h2_key {
+        let parts = Parts {
+            res,
+            info,
+            report,
+            slot,
+            server,
+            drain,
+        };
+        return open_h2(session, up, resp, &key, parts).await;
+    }
     session.write_response_header(resp, false).await?;
 
     let (detachable, tls) = (info.detachable, info.tls);
     let mut guard = TunnelGuard::new(info, report, slot, server);
     let Some((client, from_client)) = take_client(session) else {
-        // Upgrades only come over HTTP/1 (there is no RFC 8441 here): not reached.
+        // Not an HTTP/1 session (HTTP/2 clients came with a key): not reached.
         guard.finish(CloseReason::Error, Default::default());
         return Ok(Outcome::Opened);
     };
-    up.read_timeout = None;
-    // What the session holds is all there is to take now: no read from the socket.
-    BareTcp::set_quiet(up.stream(), true);
-    let from_origin = poll_preread(up.read_body_bytes());
-    let origin = up.into_inner();
-    BareTcp::set_quiet(&origin, false);
+    let (origin, from_origin) = origin_stream(up);
     let client = match detachable {
         true => detach(client),
         false => client,
@@ -145,6 +164,76 @@ pub async fn open(
         drain.as_ref(),
     ));
     Ok(Outcome::Opened)
+}
+
+/// What a tunnel is made of once its origin said 101.
+struct Parts<'a> {
+    res: &'a Resource,
+    info: TunnelInfo,
+    report: Reporting,
+    slot: Slot,
+    server: SocketAddr,
+    drain: Option<Arc<Drain>>,
+}
+
+/// The tunnel of an HTTP/2 client: the origin's 101 must answer the edge's key (else 502,
+/// nothing sent to the client), then the client gets `200` and its stream is relayed like
+/// a socket, ended with END_STREAM.
+#[cold]
+async fn open_h2(
+    session: &mut Session,
+    up: OriginSession,
+    resp: Box<ResponseHeader>,
+    key: &str,
+    parts: Parts<'_>,
+) -> pingora::Result<Outcome> {
+    let Parts {
+        res,
+        info,
+        report,
+        slot,
+        server,
+        drain,
+    } = parts;
+    if !over_h2::accepts(&resp, key) {
+        log::warn!(
+            "resource {}: origin {server} answered 101 with a wrong Sec-WebSocket-Accept",
+            res.name
+        );
+        return Ok(Outcome::Failed(Answer::OriginInvalid));
+    }
+    session
+        .write_response_header(over_h2::answer(&resp)?, false)
+        .await?;
+    let mut guard = TunnelGuard::new(info, report, slot, server);
+    let Some(client) = take_h2(session) else {
+        // An HTTP/2 session whose response stream is gone: not reached.
+        guard.finish(CloseReason::Error, Default::default());
+        return Ok(Outcome::Opened);
+    };
+    let (origin, from_origin) = origin_stream(up);
+    crate::os::set_user_timeout(&*origin, res.websocket.idle_timeout);
+    let relay = Relay::new(
+        client,
+        origin,
+        &res.websocket,
+        guard,
+        [None, from_origin],
+        true,
+        drain.as_ref(),
+    );
+    Ok(Outcome::Streaming(Box::pin(relay)))
+}
+
+/// The origin's connection after its 101, with what it sent after the answer that the
+/// session already holds (taken without reading the socket).
+fn origin_stream(mut up: OriginSession) -> (Stream, Option<Bytes>) {
+    up.read_timeout = None;
+    BareTcp::set_quiet(up.stream(), true);
+    let from_origin = poll_preread(up.read_body_bytes());
+    let origin = up.into_inner();
+    BareTcp::set_quiet(&origin, false);
+    (origin, from_origin)
 }
 
 /// Sends the upgrade to the group's servers (healthy primaries, then backups), each once,

@@ -1051,6 +1051,7 @@ mod tests {
             client_ip: None,
             tls: false,
             detachable: false,
+            h2: false,
         };
         let guard = TunnelGuard::new(info, report, slot, "127.0.0.1:1".parse().unwrap());
         let (edge_client, client) = tokio::io::duplex(client_capacity);

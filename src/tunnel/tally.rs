@@ -31,6 +31,8 @@ pub struct TunnelInfo {
     /// Whether the client's socket may leave Pingora's stream wrapper once the tunnel is
     /// open (the listener has no read buffer that could hold bytes).
     pub detachable: bool,
+    /// Whether the client's WebSocket is a stream of its HTTP/2 connection (RFC 8441).
+    pub h2: bool,
 }
 
 /// Where a tunnel reports: the resource's counters, the access log, and whether per-chunk
@@ -200,7 +202,8 @@ impl Drop for TunnelGuard {
             .str("client", &self.info.client)
             .str("host", &self.info.host)
             .str("path", &self.info.path)
-            .num("status", 101)
+            .num("status", if self.info.h2 { 200 } else { 101 })
+            .str("protocol", if self.info.h2 { "h2" } else { "http/1.1" })
             .num("bytes_client_to_origin", self.c2o.bytes)
             .num("bytes_origin_to_client", self.o2c.bytes)
             .num("messages_client_to_origin", self.c2o.messages)

@@ -9,6 +9,7 @@ mod config;
 mod demo;
 mod drain;
 mod fresh_tunnels;
+mod h2ws;
 mod handshake_props;
 mod hardening;
 mod idle;

@@ -5,12 +5,14 @@
 #![allow(dead_code)]
 
 pub mod edge;
+pub mod h2ws;
 pub mod origin;
 pub mod pki;
 pub mod raw;
 pub mod wire;
 
 pub use edge::*;
+pub use h2ws::*;
 pub use origin::*;
 pub use pki::*;
 pub use wire::*;

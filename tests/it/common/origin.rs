@@ -276,6 +276,21 @@ async fn origin_conn<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 return;
             }
+            if path == "/flood" {
+                // 64 KiB binary messages as fast as they are taken, never reading; every
+                // MiB sent is recorded as `flood <bytes>`.
+                let chunk = vec![7u8; 64 << 10];
+                let mut sent = 0usize;
+                while ws.send(Message::binary(chunk.clone())).await.is_ok() {
+                    sent += chunk.len();
+                    if sent.is_multiple_of(1 << 20) {
+                        seen.lock()
+                            .unwrap()
+                            .push(Seen::Message(format!("flood {sent}")));
+                    }
+                }
+                return;
+            }
             if let Some(n) = path.strip_prefix("/push/") {
                 // Push one small message every `n` milliseconds, ignoring the client.
                 let every = Duration::from_millis(n.parse().unwrap());

@@ -1,0 +1,199 @@
+//! A WebSocket client over HTTP/2 (RFC 8441) for the tests: the `h2` crate's client over
+//! rustls, an extended CONNECT, and the stream as bytes ([`H2Io`]) for tungstenite or raw
+//! frames.
+
+use super::edge::within;
+use super::pki::Pki;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::rustls::pki_types::ServerName;
+
+/// An h2 connection to `addr` over TLS with SNI `sni`: its request handle and the task
+/// that drives it. The client's connection window is large (as browsers make it), so that
+/// one stream the test does not read cannot use up its siblings' credit.
+pub async fn h2_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    sni: &str,
+) -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = within(
+        "tls handshake",
+        pki.connector(&[b"h2"])
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = within(
+        "h2 handshake",
+        h2::client::Builder::new()
+            .initial_connection_window_size(64 << 20)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+/// Whether the edge's SETTINGS said `ENABLE_CONNECT_PROTOCOL = 1`, once they arrived (a
+/// plain request's answer comes after them).
+pub async fn advertises_extended_connect(send: &mut SendRequest<Bytes>, authority: &str) -> bool {
+    let req = http::Request::get(format!("https://{authority}/healthz"))
+        .body(())
+        .unwrap();
+    let (resp, _) = within("ready", send.clone().ready())
+        .await
+        .unwrap()
+        .send_request(req, true)
+        .unwrap();
+    let _ = within("a plain answer", resp).await;
+    send.is_extended_connect_protocol_enabled()
+}
+
+/// A WebSocket stream after its `200`.
+pub struct H2Io {
+    recv: RecvStream,
+    send: SendStream<Bytes>,
+    pending: Bytes,
+}
+
+impl H2Io {
+    /// Resets the stream with `reason` (RST_STREAM).
+    pub fn reset(&mut self, reason: h2::Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+/// Opens a WebSocket to `path` with an extended CONNECT (`protocol` as `:protocol`, none
+/// for a plain CONNECT) and these extra fields. The answer's header, and the stream when
+/// it is `200`.
+pub async fn h2_open(
+    send: &SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    protocol: Option<&str>,
+    fields: &[(&str, &str)],
+) -> Result<(http::response::Parts, Option<H2Io>), h2::Error> {
+    let mut req = match protocol {
+        Some(_) => http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://{authority}{path}")),
+        None => http::Request::builder().method("CONNECT").uri(authority),
+    };
+    if !fields
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-version"))
+    {
+        req = req.header("sec-websocket-version", "13");
+    }
+    for (k, v) in fields {
+        req = req.header(*k, *v);
+    }
+    let mut req = req.body(()).unwrap();
+    if let Some(p) = protocol {
+        req.extensions_mut().insert(h2::ext::Protocol::from(p));
+    }
+    let mut send = within("stream slot", send.clone().ready()).await?;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = within("the answer", resp).await?;
+    let (parts, recv) = resp.into_parts();
+    if parts.status != 200 {
+        return Ok((parts, None));
+    }
+    let io = H2Io {
+        recv,
+        send: stream,
+        pending: Bytes::new(),
+    };
+    Ok((parts, Some(io)))
+}
+
+/// A client WebSocket over an h2 stream (messages up to 64 MiB).
+pub async fn h2_websocket(io: H2Io) -> tokio_tungstenite::WebSocketStream<H2Io> {
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+    let config = WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    };
+    tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(buf.len());
+        loop {
+            let room = this.send.capacity();
+            if room > 0 {
+                let n = room.min(buf.len());
+                return Poll::Ready(
+                    this.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map(|()| n)
+                        .map_err(std::io::Error::other),
+                );
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        Poll::Ready(
+            this.send
+                .send_data(Bytes::new(), true)
+                .map_err(std::io::Error::other),
+        )
+    }
+}

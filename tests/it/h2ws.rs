@@ -1,0 +1,741 @@
+//! 16: WebSockets over HTTP/2 (RFC 8441) on the TLS listener. A real h2 client (the `h2`
+//! crate over rustls) opens extended CONNECT streams through a real wsedge to real
+//! origins: the setting is advertised (and not when switched off), messages echo like over
+//! HTTP/1.1, the origin gets an HTTP/1.1 upgrade with a key of the edge's own, every
+//! refusal has its status with the origin untouched, 100 WebSockets share a connection
+//! with one stalled stream, and resets, a closed connection and a shutdown end tunnels
+//! the way the log and metrics say.
+
+use crate::common::raw::{close, frame, read_frame};
+use crate::common::*;
+use futures_util::StreamExt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+const NAMES: &[&str] = &[
+    "ws.test",
+    "other.test",
+    "off.test",
+    "paths.test",
+    "strict.test",
+    "rate.test",
+    "full.test",
+    "down.test",
+    "slow.test",
+    "liar.test",
+];
+
+struct Origins {
+    echo: SocketAddr,
+    silent: SocketAddr,
+    liar: SocketAddr,
+}
+
+/// The resources of these tests, all on one certificate, after the top-level keys `top`.
+fn config(cert: &Issued, o: &Origins, top: &str) -> String {
+    let tls = format!(
+        "tls: {{ certificate: \"{}\", private_key: \"{}\" }}",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let down = closed_port("127.0.0.1");
+    let r = |name: &str, origin: SocketAddr, ws: &str| {
+        format!(
+            "  - name: {name}\n    hostnames: [\"{name}.test\"]\n    origin: {{ servers: [{{ address: \"{origin}\" }}] }}\n    websocket: {{ idle_timeout: 30s, handshake_timeout: 2s{ws} }}\n    {tls}\n"
+        )
+    };
+    format!(
+        "{top}listen:\n  http: [\"127.0.0.1:0\"]\n  https: [\"127.0.0.3:0\"]\nresources:\n{}{}{}{}{}{}{}{}{}{}",
+        r("ws", o.echo, ""),
+        r("other", o.echo, ""),
+        r("off", o.echo, ", enabled: false"),
+        r("paths", o.echo, ", paths: [\"/ws\"]"),
+        r("strict", o.echo, ", allowed_origins: [\"https://good.test\"]"),
+        r("rate", o.echo, ", handshake_rate: { rate: 1/s, burst: 1 }"),
+        r("full", o.echo, ", max_connections: 1"),
+        r("down", down, ""),
+        r("slow", o.silent, ""),
+        r("liar", o.liar, ""),
+    )
+}
+
+/// An origin that answers every upgrade with a 101 whose `Sec-WebSocket-Accept` answers
+/// some other key.
+async fn lying_origin() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+struct Setup {
+    pki: Pki,
+    edge: Edge,
+    echo: Origin,
+    silent: Origin,
+    _liar: tokio::task::JoinHandle<()>,
+}
+
+async fn setup(tag: &str, top: &str) -> Setup {
+    let pki = Pki::new(tag);
+    let cert = pki.issue("sites", NAMES);
+    let echo = Origin::start(Mode::Echo).await;
+    let silent = Origin::start(Mode::Silent).await;
+    let (liar, liar_task) = lying_origin().await;
+    let origins = Origins {
+        echo: echo.addr,
+        silent: silent.addr,
+        liar,
+    };
+    let edge = Edge::start(&with_admin(&config(&cert, &origins, top)));
+    Setup {
+        pki,
+        edge,
+        echo,
+        silent,
+        _liar: liar_task,
+    }
+}
+
+impl Setup {
+    fn https(&self) -> SocketAddr {
+        self.edge.https.expect("an https listener")
+    }
+
+    async fn connect(&self, sni: &str) -> h2::client::SendRequest<bytes::Bytes> {
+        h2_connect(&self.pki, self.https(), sni).await.0
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pki.dir);
+    }
+}
+
+/// The first `n` tunnel lines of the access log, once there are that many.
+fn tunnel_lines(edge: &Edge, n: usize) -> Vec<String> {
+    let is_tunnel = |l: &str| l.contains("\"kind\":\"tunnel\"");
+    let lines = edge.wait_access(n, is_tunnel);
+    lines.into_iter().filter(|l| is_tunnel(l)).collect()
+}
+
+/// Deterministic bytes of length `n`.
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_websockets_are_advertised_and_echo_as_over_http1() {
+    let s = setup("h2ws-echo", "").await;
+    let mut h2 = s.connect("ws.test").await;
+    assert!(
+        advertises_extended_connect(&mut h2, "ws.test").await,
+        "SETTINGS_ENABLE_CONNECT_PROTOCOL is not advertised"
+    );
+
+    // The handshake: 200, the origin's subprotocol; the origin got an HTTP/1.1 upgrade
+    // with a fresh key, the client's fields and the path.
+    let (resp, io) = h2_open(
+        &h2,
+        "ws.test",
+        "/chat?room=1",
+        Some("websocket"),
+        &[
+            ("sec-websocket-protocol", "chat, superchat"),
+            ("origin", "https://ws.test"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.headers["sec-websocket-protocol"], "chat");
+    assert!(!resp.headers.contains_key("sec-websocket-accept"));
+    let seen = s.echo.seen();
+    let Some(Seen::Request(fields)) = seen.iter().find(|x| matches!(x, Seen::Request(_))) else {
+        panic!("the origin saw no upgrade: {seen:?}");
+    };
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("upgrade"), Some("websocket"));
+    assert_eq!(get("sec-websocket-version"), Some("13"));
+    assert_eq!(get("sec-websocket-key").map(str::len), Some(24));
+    assert_eq!(get("sec-websocket-protocol"), Some("chat, superchat"));
+    assert_eq!(get("host"), Some("ws.test"));
+    assert_eq!(get("cookie"), Some("a=1; b=2"));
+    assert_eq!(get("x-forwarded-proto"), Some("https"));
+    assert!(
+        seen.contains(&Seen::Target("/chat?room=1".into())),
+        "{seen:?}"
+    );
+
+    // Text and binary from 0 bytes to 16 MiB come back byte for byte.
+    let mut ws = h2_websocket(io.unwrap()).await;
+    for (i, n) in [0usize, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let bin = pattern(n, i as u8);
+        assert_eq!(
+            echo_once(&mut ws, Message::binary(bin.clone())).await,
+            Message::binary(bin),
+            "binary {n}"
+        );
+        let text: String = pattern(n.min(1 << 20), i as u8)
+            .iter()
+            .map(|b| (b'a' + b % 26) as char)
+            .collect();
+        assert_eq!(
+            echo_once(&mut ws, Message::text(text.clone())).await,
+            Message::text(text),
+            "text {n}"
+        );
+    }
+    within(
+        "close",
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Library(4001),
+            reason: "bye".into(),
+        })),
+    )
+    .await
+    .unwrap();
+    let back = within("the origin's close", ws.next()).await;
+    assert!(
+        matches!(&back, Some(Ok(Message::Close(Some(f)))) if u16::from(f.code) == 4001),
+        "{back:?}"
+    );
+    let line = tunnel_lines(&s.edge, 1);
+    let line = &line[0];
+    assert_eq!(field(line, "protocol"), Some("h2"), "{line}");
+    assert_eq!(field(line, "status"), Some("200"), "{line}");
+    assert_eq!(field(line, "close_reason"), Some("client_closed"), "{line}");
+    assert_eq!(field(line, "close_code"), Some("4001"), "{line}");
+    let up: u64 = field(line, "bytes_client_to_origin")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(up > 16 << 20, "{line}");
+    let (_, metrics) = s.edge.admin_request("GET", "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "wsedge_ws_handshakes_total{outcome=\"ok\",resource=\"ws\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "wsedge_http_responses_total{code=\"200\",resource=\"ws\"}"
+        ),
+        Some(2.0),
+        "the plain request's 200 and the tunnel's"
+    );
+    assert_eq!(
+        metric(&metrics, "wsedge_ws_tunnels_open{resource=\"ws\"}"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_frames_fragments_pings_and_the_origins_close_pass_a_stream() {
+    let s = setup("h2ws-frames", "").await;
+    let h2 = s.connect("ws.test").await;
+    let (_, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    let mask = Some([1, 2, 3, 4]);
+    // A text message in three fragments comes back whole.
+    let mut bytes = frame(false, 1, b"hel", mask);
+    bytes.extend(frame(false, 0, b"lo ", mask));
+    bytes.extend(frame(true, 0, b"there", mask));
+    bytes.extend(frame(true, 9, b"are you there", mask));
+    within("write", io.write_all(&bytes)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let f = within("a frame", read_frame(&mut io, false)).await.unwrap();
+        got.push((f.opcode, f.payload));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (1, b"hello there".to_vec()),
+            (10, b"are you there".to_vec())
+        ]
+    );
+    // The client's Close passes, and so does the origin's answer.
+    within("write", io.write_all(&close(1000, "done", mask)))
+        .await
+        .unwrap();
+    let f = within("the close", read_frame(&mut io, false))
+        .await
+        .unwrap();
+    assert_eq!((f.opcode, f.code()), (8, Some(1000)));
+
+    // An origin that closes first: its code reaches the client, then END_STREAM.
+    let (_, io) = h2_open(&h2, "ws.test", "/close-me", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    let f = within("the origin's close", read_frame(&mut io, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        (f.code(), f.reason()),
+        (Some(4002), "origin bye".to_string())
+    );
+    within("write", io.write_all(&close(4002, "", mask)))
+        .await
+        .unwrap();
+    let rest = within("the end of the stream", read_to_end(&mut io)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let lines = tunnel_lines(&s.edge, 2);
+    assert!(
+        lines.iter().any(|l| field(l, "close_code") == Some("4002")
+            && field(l, "close_reason") == Some("origin_closed")),
+        "{lines:?}"
+    );
+}
+
+async fn read_to_end(io: &mut H2Io) -> Vec<u8> {
+    let mut all = Vec::new();
+    let _ = io.read_to_end(&mut all).await;
+    all
+}
+
+/// An origin that takes one upgrade, checks `sec-websocket-extensions` came as offered,
+/// agrees to permessage-deflate with the right accept, and hands over the connection.
+async fn deflating_origin(
+    offer: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<tokio::net::TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+            c.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let value = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        assert_eq!(
+            value("sec-websocket-extensions").as_deref(),
+            Some(offer),
+            "{head}"
+        );
+        let key = value("sec-websocket-key").expect("a key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n");
+        c.write_all(resp.as_bytes()).await.unwrap();
+        c
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permessage_deflate_is_negotiated_by_the_origin_and_its_frames_pass_a_stream() {
+    let offer = "permessage-deflate; client_max_window_bits";
+    let (addr, origin) = deflating_origin(offer).await;
+    let pki = Pki::new("h2ws-deflate");
+    let cert = pki.issue("sites", NAMES);
+    let yaml = format!(
+        "listen: {{ http: [\"127.0.0.1:0\"], https: [\"127.0.0.3:0\"] }}\nresources:\n  - name: ws\n    hostnames: [\"ws.test\"]\n    origin: {{ servers: [{{ address: \"{addr}\" }}] }}\n    tls: {{ certificate: \"{}\", private_key: \"{}\" }}\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let edge = Edge::start(&yaml);
+    let (h2, _conn) = h2_connect(&pki, edge.https.unwrap(), "ws.test").await;
+    let (resp, io) = h2_open(
+        &h2,
+        "ws.test",
+        "/",
+        Some("websocket"),
+        &[("sec-websocket-extensions", offer)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.headers["sec-websocket-extensions"],
+        "permessage-deflate; server_no_context_takeover"
+    );
+    let mut io = io.unwrap();
+    let mut origin = within("the origin's side", origin).await.unwrap();
+    // Frames with RSV1 (compressed) pass both ways untouched.
+    let compressed = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let mut f = frame(true, 1, &compressed, Some([9, 9, 9, 9]));
+    f[0] |= 0x40;
+    within("write", io.write_all(&f)).await.unwrap();
+    // (The raw reader refuses reserved bits: read this one by hand.)
+    let mut at_origin = [0u8; 2 + 4 + 7];
+    within("at the origin", origin.read_exact(&mut at_origin))
+        .await
+        .unwrap();
+    assert_eq!(at_origin[..], f[..], "the frame changed on its way");
+    let mut back = frame(true, 1, &compressed, None);
+    back[0] |= 0x40;
+    within("write", origin.write_all(&back)).await.unwrap();
+    let mut head = [0u8; 2];
+    within("read", io.read_exact(&mut head)).await.unwrap();
+    assert_eq!(head[0], 0xc1, "FIN, RSV1, text");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_their_status_on_the_stream_and_the_origin_is_not_contacted() {
+    let s = setup("h2ws-refusals", "").await;
+    let ask = |sni: &'static str,
+               path: &'static str,
+               protocol: Option<&'static str>,
+               fields: Vec<(&'static str, &'static str)>| {
+        let s = &s;
+        async move {
+            let h2 = s.connect(sni).await;
+            let (resp, _) = h2_open(&h2, sni, path, protocol, &fields).await.unwrap();
+            resp.status.as_u16()
+        }
+    };
+    assert_eq!(ask("off.test", "/", Some("websocket"), vec![]).await, 403);
+    assert_eq!(
+        ask("paths.test", "/other", Some("websocket"), vec![]).await,
+        403
+    );
+    assert_eq!(
+        ask("paths.test", "/ws/../other", Some("websocket"), vec![]).await,
+        403
+    );
+    // Encoded twice: the dot segments decode to a path outside /ws.
+    let twice = ask(
+        "paths.test",
+        "/ws/%252e%252e/%2e%2e/other",
+        Some("websocket"),
+        vec![],
+    )
+    .await;
+    assert!(matches!(twice, 400 | 403), "{twice}");
+    assert_eq!(
+        ask(
+            "strict.test",
+            "/",
+            Some("websocket"),
+            vec![("origin", "https://evil.test")]
+        )
+        .await,
+        403
+    );
+    assert_eq!(ask("ws.test", "/", Some("webtransport"), vec![]).await, 400);
+    assert_eq!(
+        ask(
+            "ws.test",
+            "/",
+            Some("websocket"),
+            vec![("sec-websocket-version", "8")]
+        )
+        .await,
+        426
+    );
+    assert_eq!(
+        ask(
+            "ws.test",
+            "/",
+            Some("websocket"),
+            vec![("content-length", "5")]
+        )
+        .await,
+        400
+    );
+    // A plain CONNECT (a forward proxy's) is refused.
+    assert_eq!(ask("ws.test", "ws.test:443", None, vec![]).await, 405);
+    // 421: an :authority of another resource than the connection's SNI.
+    {
+        let h2 = s.connect("ws.test").await;
+        let (resp, _) = h2_open(&h2, "other.test", "/", Some("websocket"), &[])
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 421);
+    }
+    assert_eq!(s.echo.upgrades(), 0, "a refused stream reached the origin");
+    assert_eq!(s.echo.count(), 0, "a refused stream reached the origin");
+
+    // 429 over the handshake rate, 503 over max_connections: the first is served.
+    let h2 = s.connect("rate.test").await;
+    let (first, _keep) = h2_open(&h2, "rate.test", "/", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let (second, _) = h2_open(&h2, "rate.test", "/", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(second.status, 429);
+    assert!(second.headers.contains_key("retry-after"));
+    let h2 = s.connect("full.test").await;
+    let (first, _keep_full) = h2_open(&h2, "full.test", "/", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let (second, _) = h2_open(&h2, "full.test", "/", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(second.status, 503);
+    assert_eq!(
+        s.echo.upgrades(),
+        2,
+        "only the two admitted streams reached the origin"
+    );
+
+    // The origin's failures: unreachable 502, silent 504, a wrong accept 502.
+    assert_eq!(ask("down.test", "/", Some("websocket"), vec![]).await, 502);
+    assert_eq!(ask("slow.test", "/", Some("websocket"), vec![]).await, 504);
+    assert_eq!(ask("liar.test", "/", Some("websocket"), vec![]).await, 502);
+    assert_eq!(s.silent.count(), 1);
+
+    // Draining: 503.
+    let (code, _) = s.edge.admin_request("POST", "/drain").await;
+    assert_eq!(code, 202);
+    assert_eq!(ask("ws.test", "/", Some("websocket"), vec![]).await, 503);
+
+    let (_, metrics) = s.edge.admin_request("GET", "/metrics").await;
+    for (outcome, resource, n) in [
+        ("disabled", "off", 1.0),
+        ("path_not_allowed", "paths", 2.0),
+        ("origin_not_allowed", "strict", 1.0),
+        ("bad_version", "ws", 1.0),
+        ("malformed", "ws", 2.0),
+        ("misdirected", "other", 1.0),
+        ("draining", "ws", 1.0),
+        ("origin_unreachable", "down", 1.0),
+        ("origin_invalid", "liar", 1.0),
+        ("method_not_allowed", "ws", 1.0),
+        ("rate_limited", "rate", 1.0),
+        ("over_capacity", "full", 1.0),
+        ("origin_timeout", "slow", 1.0),
+    ] {
+        let series =
+            format!("wsedge_ws_handshakes_total{{outcome=\"{outcome}\",resource=\"{resource}\"}}");
+        assert_eq!(metric(&metrics, &series), Some(n), "{series}\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_websockets_share_a_connection_and_one_stalled_stream_stalls_nobody() {
+    let s = setup("h2ws-hundred", "").await;
+    let (h2, _conn) = h2_connect(&s.pki, s.https(), "ws.test").await;
+    // One stream whose origin floods it, never read by the client.
+    let (resp, stalled) = h2_open(&h2, "ws.test", "/flood", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let mut stalled = stalled.unwrap();
+    // 99 more that echo, all at once, with plain requests between them.
+    let opens = (0..99).map(|_| h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[]));
+    let opened = within("99 streams", futures_util::future::join_all(opens)).await;
+    let mut sockets = Vec::new();
+    for o in opened {
+        let (resp, io) = o.unwrap();
+        assert_eq!(resp.status, 200);
+        sockets.push(h2_websocket(io.unwrap()).await);
+    }
+    let echoes = sockets.iter_mut().enumerate().map(|(i, ws)| async move {
+        for j in 0..20 {
+            let m = Message::binary(pattern(4096, (i + j) as u8));
+            assert_eq!(echo_once(ws, m.clone()).await, m);
+        }
+    });
+    let plain = async {
+        for _ in 0..10 {
+            let req = http::Request::get("https://ws.test/healthz")
+                .body(())
+                .unwrap();
+            let (resp, _) = h2
+                .clone()
+                .ready()
+                .await
+                .unwrap()
+                .send_request(req, true)
+                .unwrap();
+            assert_eq!(within("a plain answer", resp).await.unwrap().status(), 200);
+        }
+    };
+    within("echoes beside a stalled stream", async {
+        tokio::join!(futures_util::future::join_all(echoes), plain)
+    })
+    .await;
+
+    // The flood stopped: what the origin got to send is bounded (the edge's buffers for the
+    // stream and the sockets' between it and the origin), and it no longer grows.
+    let flooded = || {
+        s.echo
+            .seen()
+            .iter()
+            .filter_map(|x| match x {
+                Seen::Message(m) => m.strip_prefix("flood ")?.parse::<usize>().ok(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = flooded();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = flooded();
+        if now == last || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    assert_eq!(flooded(), last, "the flood never stopped");
+    assert!(
+        last < 48 << 20,
+        "the edge took {last} bytes for a stream nobody reads"
+    );
+    // The stalled stream then reads what was held for it, in order.
+    let first = within("the stalled stream", read_frame(&mut stalled, false))
+        .await
+        .unwrap();
+    assert_eq!((first.opcode, first.payload.len()), (2, 64 << 10));
+    stalled.reset(h2::Reason::CANCEL);
+    for ws in &mut sockets {
+        let _ = within("close", ws.close(None)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_a_lost_connection_and_a_shutdown_end_tunnels_honestly() {
+    let mut s = setup("h2ws-ends", "drain: { spread: 0 }\n").await;
+    let (h2, conn) = h2_connect(&s.pki, s.https(), "ws.test").await;
+    // RST_STREAM (CANCEL) from the client: the origin is told 1001, the line says client_closed.
+    let (_, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    io.reset(h2::Reason::CANCEL);
+    let line = tunnel_lines(&s.edge, 1);
+    assert_eq!(
+        field(&line[0], "close_reason"),
+        Some("client_closed"),
+        "{line:?}"
+    );
+    // Another reason is an error.
+    let (_, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    io.unwrap().reset(h2::Reason::INTERNAL_ERROR);
+    let lines = tunnel_lines(&s.edge, 2);
+    assert_eq!(field(&lines[1], "close_reason"), Some("error"), "{lines:?}");
+    // The other streams of the connection are unaffected.
+    let (resp, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let mut ws = h2_websocket(io.unwrap()).await;
+    assert_eq!(
+        echo_once(&mut ws, Message::text("still")).await,
+        Message::text("still")
+    );
+    // The whole connection lost: every tunnel on it ends (client gone).
+    conn.abort();
+    drop(ws);
+    drop(h2);
+    let lines = tunnel_lines(&s.edge, 3);
+    assert_eq!(
+        field(&lines[2], "close_reason"),
+        Some("client_closed"),
+        "{lines:?}"
+    );
+    within("the origin's close", async {
+        while !s
+            .echo
+            .seen()
+            .iter()
+            .any(|x| matches!(x, Seen::Close(1001, _)))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Shutdown: a stream's tunnel gets the edge's 1001, then the connection its GOAWAY.
+    let (h2, conn) = h2_connect(&s.pki, s.https(), "ws.test").await;
+    let (_, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    s.edge.signal("TERM");
+    let f = within("the edge's close", read_frame(&mut io, false))
+        .await
+        .unwrap();
+    assert_eq!(f.code(), Some(1001), "{}", f.reason());
+    within("write", io.write_all(&close(1001, "", Some([1, 1, 1, 1]))))
+        .await
+        .unwrap();
+    within("the connection's end", conn).await.unwrap();
+    assert!(
+        s.edge.wait_exit(Duration::from_secs(20)),
+        "the edge did not exit"
+    );
+    drop(h2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switched_off_the_setting_is_not_advertised_and_h2_carries_plain_requests_only() {
+    let s = setup("h2ws-off", "").await;
+    let yaml = std::fs::read_to_string(s.edge.dir.join("wsedge.yaml")).unwrap();
+    let off = yaml.replace(
+        "  https: [\"127.0.0.3:0\"]\n",
+        "  https: [\"127.0.0.3:0\"]\n  h2_websockets: false\n",
+    );
+    assert_ne!(off, yaml);
+    let edge = Edge::start(&off);
+    let (mut h2, _conn) = h2_connect(&s.pki, edge.https.unwrap(), "ws.test").await;
+    assert!(
+        !advertises_extended_connect(&mut h2, "ws.test").await,
+        "advertised while switched off"
+    );
+    // The h2 client does not send an extended CONNECT to a server that did not offer it.
+    assert!(h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .is_err());
+    // A plain CONNECT is Pingora's 405 there.
+    let (resp, _) = h2_open(&h2, "ws.test", "ws.test:443", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 405);
+    // wss:// over HTTP/1.1 is unchanged.
+    assert_eq!(s.echo.upgrades(), 0);
+}
