@@ -227,11 +227,21 @@ impl EdgeProxy {
             .str("method", req.method.as_str())
             .str("path", req.uri.path_and_query().map_or("/", |p| p.as_str()))
             .num("status", status)
+            .str("protocol", protocol(session))
             .num("bytes_client_to_origin", session.body_bytes_read())
             .num("bytes_origin_to_client", session.body_bytes_sent())
             .num("duration_ms", ctx.started.elapsed().as_millis())
             .finish();
         self.log.write(line);
+    }
+}
+
+/// The client's HTTP version, for the access log.
+fn protocol(session: &Session) -> &'static str {
+    match session.req_header().version {
+        http::Version::HTTP_2 => "h2",
+        http::Version::HTTP_10 => "http/1.0",
+        _ => "http/1.1",
     }
 }
 

@@ -8,12 +8,15 @@
 //! wsload relay 127.0.0.1:0 127.0.0.1:9100 --threads 2   # the benchmark's floor: a bare TCP relay
 //! wsload stalled ws://127.0.0.1:8080/push --count 1000 --pid 1234   # clients that never read
 //! wsload storm ws://127.0.0.1:8080/ws --count 5000 --window 60      # reconnect on every close
+//! wsload h2-handshakes wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --conns 8 --count 3000 --pid 1234
+//! wsload tls-idle wss://127.0.0.1:8443/ws --host chat.example.test --ca ca.pem --count 2000 [--h2] --pid 1234
 //! ```
 //!
 //! Results are one JSON line on stdout; progress goes to stderr. CPU figures come from the
 //! measured process's own utime+stime in /proc, steadier than wall time on a shared
 //! machine.
 
+mod h2;
 mod relay;
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,7 +32,7 @@ use tokio_tungstenite::WebSocketStream;
 const STEP: Duration = Duration::from_secs(30);
 
 fn usage() -> ! {
-    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--hold SECS] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | storm URL [--count N] [--window SECS] | relay LISTEN ORIGIN [--threads N] | stats-query");
+    eprintln!("usage: wsload origin ADDR | echo URL [--conns N] [--messages N] [--size BYTES] [--window N] [--pid PID,...] | handshakes URL [--host NAME] [--ca PEM] [--conns N] [--count N] [--pid PID,...] | idle URL [--steps 1000,3000,9000] [--hold SECS] [--pid PID,...] | stalled URL [--count N] [--pid PID,...] | storm URL [--count N] [--window SECS] | h2-handshakes URL --host NAME --ca PEM [--conns N] [--count N] [--pid PID,...] | tls-idle URL --host NAME --ca PEM [--count N] [--h2] [--pid PID,...] | relay LISTEN ORIGIN [--threads N] | stats-query");
     std::process::exit(2)
 }
 
@@ -732,6 +735,28 @@ fn main() {
                 text_flag(&args, "--ca"),
                 flag(&args, "--conns", 8),
                 flag(&args, "--count", 2000),
+                &pids(&args),
+            ))
+        }
+        Some("h2-handshakes") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            let target =
+                h2::Target::parse(url, text_flag(&args, "--host"), text_flag(&args, "--ca"));
+            rt.block_on(h2::handshakes(
+                target,
+                flag(&args, "--conns", 8),
+                flag(&args, "--count", 2000),
+                &pids(&args),
+            ))
+        }
+        Some("tls-idle") => {
+            let url = args.get(1).unwrap_or_else(|| usage());
+            let target =
+                h2::Target::parse(url, text_flag(&args, "--host"), text_flag(&args, "--ca"));
+            rt.block_on(h2::idle(
+                target,
+                flag(&args, "--count", 2000),
+                args.iter().any(|a| a == "--h2"),
                 &pids(&args),
             ))
         }

@@ -1,0 +1,315 @@
+//! WebSockets over HTTP/2 (RFC 8441) for the benchmarks: `wsload h2-handshakes` opens each
+//! WebSocket as a new stream of a few open h2 connections, and `wsload tls-idle` holds idle
+//! WebSockets over TLS, as h2 streams or as one HTTP/1.1 connection each, to compare the
+//! edge's memory per tunnel.
+
+use super::{cpu_of, rss_kib, AsyncStream, STEP};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Where to connect: `wss://ADDR/PATH` with the TLS name `host`.
+pub struct Target {
+    pub authority: String,
+    pub host: String,
+    pub path: String,
+    pub ca: String,
+}
+
+impl Target {
+    pub fn parse(url: &str, host: Option<&str>, ca: Option<&str>) -> Target {
+        let authority = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .expect("a URL with a host")
+            .to_string();
+        let path = format!("/{}", url.splitn(4, '/').nth(3).unwrap_or(""));
+        let host = host.map_or_else(
+            || authority.split(':').next().unwrap().to_string(),
+            str::to_string,
+        );
+        Target {
+            authority,
+            host,
+            path,
+            ca: ca.expect("--ca").to_string(),
+        }
+    }
+
+    /// A TCP connection and a full TLS handshake offering `alpn`.
+    async fn tls(&self, alpn: &[u8]) -> Result<Box<dyn AsyncStream>, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut config = (*super::tls_client(&self.ca)).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(tls))
+    }
+
+    /// An h2 connection (the task driving it runs on its own).
+    async fn h2(&self) -> Result<SendRequest<Bytes>, String> {
+        let io = self.tls(b"h2").await?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_connection_window_size(16 << 20)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(send)
+    }
+
+    /// A WebSocket as a new stream of `send`'s connection.
+    async fn h2_websocket(
+        &self,
+        send: &SendRequest<Bytes>,
+    ) -> Result<WebSocketStream<H2Io>, String> {
+        let mut req = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://{}{}", self.host, self.path))
+            .header("sec-websocket-version", "13")
+            .body(())
+            .map_err(|e| e.to_string())?;
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from("websocket"));
+        let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+        let (resp, stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("status {}", resp.status()));
+        }
+        let io = H2Io {
+            recv: resp.into_body(),
+            send: stream,
+            pending: Bytes::new(),
+        };
+        Ok(WebSocketStream::from_raw_socket(io, Role::Client, None).await)
+    }
+
+    /// A WebSocket on a new TCP + TLS connection of its own (HTTP/1.1 upgrade).
+    async fn h1_websocket(&self) -> Result<WebSocketStream<Box<dyn AsyncStream>>, String> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let io = self.tls(b"http/1.1").await?;
+        let req = format!("wss://{}{}", self.host, self.path)
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        let (ws, _) = tokio_tungstenite::client_async(req, io)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ws)
+    }
+}
+
+/// One echo and the close.
+async fn echo_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
+) -> Result<(), String> {
+    ws.send(Message::text("hi"))
+        .await
+        .map_err(|e| e.to_string())?;
+    ws.next()
+        .await
+        .ok_or("no echo")?
+        .map_err(|e| e.to_string())?;
+    ws.close(None).await.map_err(|e| e.to_string())
+}
+
+/// `count` WebSockets (extended CONNECT, one echo, close), each a new stream of one of
+/// `conns` h2 connections opened beforehand: the same JSON as `wsload handshakes`.
+pub async fn handshakes(target: Target, conns: u64, count: u64, pids: &[u64]) {
+    let target = Arc::new(target);
+    let mut senders = Vec::new();
+    for _ in 0..conns {
+        let send = tokio::time::timeout(STEP, target.h2())
+            .await
+            .expect("h2 connection in time")
+            .expect("h2 connection");
+        senders.push(send);
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let cpu0 = cpu_of(pids);
+    let start = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|send| {
+            let (done, failures, target) = (done.clone(), failures.clone(), target.clone());
+            tokio::spawn(async move {
+                while done.fetch_add(1, Ordering::Relaxed) < count as usize {
+                    let one = async {
+                        let ws = target.h2_websocket(&send).await?;
+                        echo_and_close(ws).await
+                    };
+                    match tokio::time::timeout(STEP, one).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("wsload: h2 handshake failed: {e}");
+                            }
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a client task");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = match (cpu0, cpu_of(pids)) {
+        (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
+        _ => "null".into(),
+    };
+    println!(
+        "{{\"handshakes\":{count},\"failures\":{},\"seconds\":{secs:.3},\"handshakes_per_s\":{:.0},\"cpu_us_per_handshake\":{cpu}}}",
+        failures.load(Ordering::Relaxed),
+        count as f64 / secs
+    );
+}
+
+/// Opens `count` idle WebSockets over TLS, as streams of h2 connections (100 a
+/// connection) or as HTTP/1.1 connections of their own, each after one echo, and prints
+/// the measured processes' RSS before and after: `{"tunnels","rss_kib","kib_per_tunnel"}`.
+pub async fn idle(target: Target, count: u64, h2: bool, pids: &[u64]) {
+    let settle = || tokio::time::sleep(Duration::from_millis(1500));
+    settle().await;
+    let base = rss_kib(pids);
+    let mut h2_open = Vec::new();
+    let mut h1_open = Vec::new();
+    let mut send = None;
+    for i in 0..count {
+        let one = async {
+            if h2 {
+                if i % 100 == 0 {
+                    send = Some(target.h2().await?);
+                }
+                let mut ws = target.h2_websocket(send.as_ref().unwrap()).await?;
+                ws.send(Message::text("hi"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.next()
+                    .await
+                    .ok_or("no echo")?
+                    .map_err(|e| e.to_string())?;
+                h2_open.push(ws);
+            } else {
+                let mut ws = target.h1_websocket().await?;
+                ws.send(Message::text("hi"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.next()
+                    .await
+                    .ok_or("no echo")?
+                    .map_err(|e| e.to_string())?;
+                h1_open.push(ws);
+            }
+            Ok::<(), String>(())
+        };
+        tokio::time::timeout(STEP, one)
+            .await
+            .expect("a tunnel in time")
+            .expect("a tunnel");
+    }
+    settle().await;
+    let rss = rss_kib(pids);
+    println!(
+        "{{\"protocol\":\"{}\",\"tunnels\":{count},\"rss_kib\":{rss},\"base_kib\":{base},\"kib_per_tunnel\":{:.1}}}",
+        if h2 { "h2" } else { "http/1.1" },
+        rss.saturating_sub(base) as f64 / count.max(1) as f64
+    );
+    drop(h2_open);
+    drop(h1_open);
+}
+
+/// An h2 stream as bytes.
+pub struct H2Io {
+    recv: RecvStream,
+    send: SendStream<Bytes>,
+    pending: Bytes,
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(buf.len());
+        while this.send.capacity() == 0 {
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        let n = this.send.capacity().min(buf.len());
+        Poll::Ready(
+            this.send
+                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                .map(|()| n)
+                .map_err(std::io::Error::other),
+        )
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        Poll::Ready(
+            this.send
+                .send_data(Bytes::new(), true)
+                .map_err(std::io::Error::other),
+        )
+    }
+}
