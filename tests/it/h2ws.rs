@@ -739,3 +739,19 @@ async fn switched_off_the_setting_is_not_advertised_and_h2_carries_plain_request
     // wss:// over HTTP/1.1 is unchanged.
     assert_eq!(s.echo.upgrades(), 0);
 }
+
+#[test]
+fn a_bad_h2_websockets_value_is_an_error_naming_the_file_line_and_key() {
+    for value in ["maybe", "1", "[true]", "{ on: true }"] {
+        let yaml = format!(
+            "listen:\n  http: [\"127.0.0.1:0\"]\n  h2_websockets: {value}\nresources:\n  - name: r\n    hostnames: [a.test]\n    origin: {{ servers: [{{ address: \"127.0.0.1:1\" }}] }}\n"
+        );
+        let out = check_config("h2.yaml", &yaml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: accepted");
+        assert!(err.contains("h2.yaml:3:"), "{value}: {err}");
+        assert!(err.contains("h2_websockets"), "{value}: {err}");
+    }
+    let yaml = "listen:\n  http: [\"127.0.0.1:0\"]\n  h2_websockets: false\nresources:\n  - name: r\n    hostnames: [a.test]\n    origin: { servers: [{ address: \"127.0.0.1:1\" }] }\n";
+    assert!(check_config("h2.yaml", yaml).status.success());
+}
