@@ -52,6 +52,9 @@ pub struct RequestCtx {
     bad_host: bool,
     /// A tunnel was opened (it logs itself).
     tunnel: bool,
+    /// An HTTP/2 stream's tunnel, run by the `logging` hook that follows `request_filter`
+    /// (in the stream's task, once `request_filter`'s large future is gone).
+    streaming: Option<tunnel::Streaming>,
     /// Origin servers tried for a plain request (each once, but for a retry on a fresh
     /// connection after a pooled one turned out closed).
     tried: Vec<SocketAddr>,
@@ -191,12 +194,13 @@ impl EdgeProxy {
                 ctx.tunnel = true;
                 site.stats.response(101);
             }
-            // An HTTP/2 stream's tunnel runs here, in the stream's task, which keeps its
-            // connection from being closed as idle while it lasts.
+            // An HTTP/2 stream's tunnel runs in the stream's task, which keeps its
+            // connection from being closed as idle while it lasts: in `logging`, which
+            // Pingora calls right after this hook returns.
             Outcome::Streaming(relay) => {
                 ctx.tunnel = true;
                 site.stats.response(200);
-                relay.await;
+                ctx.streaming = Some(relay);
             }
             Outcome::Refused(status) => {
                 log::info!(
@@ -255,6 +259,7 @@ impl ProxyHttp for EdgeProxy {
             upgrade: false,
             bad_host: false,
             tunnel: false,
+            streaming: None,
             tried: Vec::new(),
             retry_same: false,
             started: Instant::now(),
@@ -401,8 +406,14 @@ impl ProxyHttp for EdgeProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // A tunnel took the connection (or stream) out of the session; its answer was
         // counted when it went out, and it logs itself when it closes (also at shutdown,
-        // when this is not called).
+        // when this is not called). An HTTP/2 stream's tunnel runs here: `request_filter`
+        // returned, so the stream's task holds this hook's small future (the relay is
+        // boxed) instead of that hook's, which is sized for an origin connect (about
+        // 12 KB); the stream's task itself is what keeps the connection open.
         if ctx.tunnel {
+            if let Some(relay) = ctx.streaming.take() {
+                relay.await;
+            }
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

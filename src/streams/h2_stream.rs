@@ -59,6 +59,10 @@ impl H2Stream {
     /// The stream of `session`, whose response header was written.
     pub fn new(mut session: Box<HttpSession>) -> Option<H2Stream> {
         let send = session.take_response_body_writer()?;
+        // The request's header was read and sent on: an open tunnel need not keep it.
+        if let Ok(empty) = pingora::http::RequestHeader::build("CONNECT", b"/", Some(0)) {
+            *session.req_header_mut() = empty;
+        }
         Some(H2Stream {
             session,
             send,

@@ -47,6 +47,9 @@ use tally::{Reporting, TunnelGuard, TunnelInfo};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at};
 
+/// An HTTP/2 stream's tunnel, to be awaited in the stream's task.
+pub type Streaming = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
 /// What became of an upgrade request the gate allowed.
 pub enum Outcome {
     /// The 101 went out and the tunnel runs as a task of its own (its guard records it
@@ -55,7 +58,7 @@ pub enum Outcome {
     /// The `200` went out on the client's HTTP/2 stream: the tunnel is this future, to be
     /// run in the stream's own task (an HTTP/2 connection counts its streams by their
     /// tasks, and closes one it thinks idle).
-    Streaming(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Streaming(Streaming),
     /// The origin answered with something other than 101, which was passed on unchanged.
     Refused(u16),
     /// The origin failed: the edge answers for it (502, 504).

@@ -23,7 +23,8 @@ pub struct Target {
     pub authority: String,
     pub host: String,
     pub path: String,
-    pub ca: String,
+    /// The CA to trust (PEM), for wss://.
+    pub ca: Option<String>,
 }
 
 impl Target {
@@ -43,7 +44,7 @@ impl Target {
             authority,
             host,
             path,
-            ca: ca.expect("--ca").to_string(),
+            ca: ca.map(str::to_string),
         }
     }
 
@@ -53,7 +54,8 @@ impl Target {
             .await
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        let mut config = (*super::tls_client(&self.ca)).clone();
+        let ca = self.ca.as_deref().ok_or("--ca for wss://")?;
+        let mut config = (*super::tls_client(ca)).clone();
         config.alpn_protocols = vec![alpn.to_vec()];
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| e.to_string())?;
@@ -117,6 +119,20 @@ impl Target {
             .map_err(|e| e.to_string())?;
         Ok(ws)
     }
+}
+
+/// One echo; the socket, open.
+async fn echoed<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
+) -> Result<WebSocketStream<S>, String> {
+    ws.send(Message::text("hi"))
+        .await
+        .map_err(|e| e.to_string())?;
+    ws.next()
+        .await
+        .ok_or("no echo")?
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
 /// One echo and the close.
@@ -205,25 +221,10 @@ pub async fn idle(target: Target, count: u64, h2: bool, pids: &[u64]) {
                 if i % 100 == 0 {
                     send = Some(target.h2().await?);
                 }
-                let mut ws = target.h2_websocket(send.as_ref().unwrap()).await?;
-                ws.send(Message::text("hi"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ws.next()
-                    .await
-                    .ok_or("no echo")?
-                    .map_err(|e| e.to_string())?;
-                h2_open.push(ws);
+                let ws = target.h2_websocket(send.as_ref().unwrap()).await?;
+                h2_open.push(echoed(ws).await?);
             } else {
-                let mut ws = target.h1_websocket().await?;
-                ws.send(Message::text("hi"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ws.next()
-                    .await
-                    .ok_or("no echo")?
-                    .map_err(|e| e.to_string())?;
-                h1_open.push(ws);
+                h1_open.push(echoed(target.h1_websocket().await?).await?);
             }
             Ok::<(), String>(())
         };

@@ -381,17 +381,12 @@ async fn handshakes(
     let tls = url
         .starts_with("wss://")
         .then(|| tls_client(ca.expect("--ca for wss://")));
-    let authority = url
-        .split("://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .expect("a URL with a host")
-        .to_string();
-    let path = format!("/{}", url.splitn(4, '/').nth(3).unwrap_or(""));
-    let host = host.map_or_else(
-        || authority.split(':').next().unwrap().to_string(),
-        str::to_string,
-    );
+    let h2::Target {
+        authority,
+        host,
+        path,
+        ..
+    } = h2::Target::parse(url, host, ca);
     let done = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_of(pids);
