@@ -30,7 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// Read and write timeout for plain HTTP requests towards the client and the origin.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// wsedge's proxy logic, usable as the `ProxyHttp` of any Pingora HTTP proxy service.
+/// wsedge's proxy logic, usable as the `ProxyHttp` of any Pingora HTTP proxy service. A
+/// `ProxyHttp` that delegates to it must delegate `logging` too: a WebSocket over HTTP/2
+/// (RFC 8441) runs there, after `request_filter` answered its `200`.
 pub struct EdgeProxy {
     router: SharedRouter,
     stats: Arc<EdgeStats>,
