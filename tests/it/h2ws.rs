@@ -28,6 +28,7 @@ const NAMES: &[&str] = &[
     "down.test",
     "slow.test",
     "liar.test",
+    "beat.test",
 ];
 
 struct Origins {
@@ -50,7 +51,7 @@ fn config(cert: &Issued, o: &Origins, top: &str) -> String {
         )
     };
     format!(
-        "{top}listen:\n  http: [\"127.0.0.1:0\"]\n  https: [\"127.0.0.3:0\"]\nresources:\n{}{}{}{}{}{}{}{}{}{}",
+        "{top}listen:\n  http: [\"127.0.0.1:0\"]\n  https: [\"127.0.0.3:0\"]\nresources:\n{}{}{}{}{}{}{}{}{}{}{}",
         r("ws", o.echo, ""),
         r("other", o.echo, ""),
         r("off", o.echo, ", enabled: false"),
@@ -61,6 +62,11 @@ fn config(cert: &Issued, o: &Origins, top: &str) -> String {
         r("down", down, ""),
         r("slow", o.silent, ""),
         r("liar", o.liar, ""),
+        r(
+            "beat",
+            o.echo,
+            ", heartbeat: { interval: 1s, timeout: 1s }, max_message_size: 64KiB",
+        ),
     )
 }
 
@@ -205,7 +211,7 @@ async fn h2_websockets_are_advertised_and_echo_as_over_http1() {
             Message::binary(bin),
             "binary {n}"
         );
-        let text: String = pattern(n.min(1 << 20), i as u8)
+        let text: String = pattern(n, i as u8)
             .iter()
             .map(|b| (b'a' + b % 26) as char)
             .collect();
@@ -754,4 +760,86 @@ fn a_bad_h2_websockets_value_is_an_error_naming_the_file_line_and_key() {
     }
     let yaml = "listen:\n  http: [\"127.0.0.1:0\"]\n  h2_websockets: false\nresources:\n  - name: r\n    hostnames: [a.test]\n    origin: { servers: [{ address: \"127.0.0.1:1\" }] }\n";
     assert!(check_config("h2.yaml", yaml).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_speaks_websocket_on_a_stream_heartbeats_and_message_limits() {
+    let s = setup("h2ws-speaks", "").await;
+    let h2 = s.connect("beat.test").await;
+    let mask = Some([5, 6, 7, 8]);
+    // A quiet client is pinged after the interval; its Pong keeps the tunnel.
+    let (_, io) = h2_open(&h2, "beat.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    let ping = within("a ping", read_frame(&mut io, false)).await.unwrap();
+    assert_eq!((ping.opcode, ping.payload.len()), (9, 8));
+    within("write", io.write_all(&frame(true, 10, &ping.payload, mask)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    within("write", io.write_all(&frame(true, 1, b"still here", mask)))
+        .await
+        .unwrap();
+    let mut f = within("the echo", read_frame(&mut io, false))
+        .await
+        .unwrap();
+    while f.opcode == 9 {
+        within("write", io.write_all(&frame(true, 10, &f.payload, mask)))
+            .await
+            .unwrap();
+        f = within("the echo", read_frame(&mut io, false))
+            .await
+            .unwrap();
+    }
+    assert_eq!((f.opcode, f.payload.as_slice()), (1, &b"still here"[..]));
+    // A message over max_message_size: 1009 to the client, then END_STREAM.
+    within(
+        "write",
+        io.write_all(&frame(true, 2, &vec![1u8; 128 << 10], mask)),
+    )
+    .await
+    .unwrap();
+    let close = loop {
+        let f = within("the close", read_frame(&mut io, false))
+            .await
+            .unwrap();
+        if f.opcode == 8 {
+            break f;
+        }
+    };
+    assert_eq!(
+        (close.code(), close.reason()),
+        (Some(1009), "message too big".to_string())
+    );
+    let rest = within("the end of the stream", read_to_end(&mut io)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let lines = tunnel_lines(&s.edge, 1);
+    assert_eq!(
+        field(&lines[0], "close_reason"),
+        Some("message_too_big"),
+        "{lines:?}"
+    );
+
+    // A client that never answers the ping: its stream is ended at interval + timeout.
+    let started = Instant::now();
+    let (_, io) = h2_open(&h2, "beat.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut io = io.unwrap();
+    let ping = within("a ping", read_frame(&mut io, false)).await.unwrap();
+    assert_eq!(ping.opcode, 9);
+    let rest = within("the end of the stream", read_to_end(&mut io)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let cut = started.elapsed();
+    assert!(
+        cut >= Duration::from_secs(2) && cut < Duration::from_secs(5),
+        "{cut:?}"
+    );
+    let lines = tunnel_lines(&s.edge, 2);
+    assert_eq!(
+        field(&lines[1], "close_reason"),
+        Some("heartbeat_timeout"),
+        "{lines:?}"
+    );
 }
