@@ -843,3 +843,42 @@ async fn the_edge_speaks_websocket_on_a_stream_heartbeats_and_message_limits() {
         "{lines:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_before_the_200_are_relayed_after_it_in_order() {
+    // A client that does not wait for the answer: its first frames ride the CONNECT's
+    // stream at once; the edge holds them (flow control) until the origin said 101.
+    let s = setup("h2ws-early", "").await;
+    let h2 = s.connect("ws.test").await;
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri("https://ws.test/ws")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from("websocket"));
+    let mut send = within("ready", h2.clone().ready()).await.unwrap();
+    let (resp, mut stream) = send.send_request(req, false).unwrap();
+    let mask = Some([3, 1, 4, 1]);
+    let mut early = Vec::new();
+    for i in 0..50 {
+        early.extend(frame(true, 1, format!("early {i}").as_bytes(), mask));
+    }
+    stream.send_data(bytes::Bytes::from(early), false).unwrap();
+    let resp = within("the answer", resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut recv = resp.into_body();
+    let whole: usize = (0..50).map(|i| 2 + format!("early {i}").len()).sum();
+    let mut got = Vec::new();
+    while got.len() < whole {
+        let data = within("echoes", recv.data()).await.unwrap().unwrap();
+        let _ = recv.flow_control().release_capacity(data.len());
+        got.extend_from_slice(&data);
+    }
+    let mut at = &got[..];
+    for i in 0..50 {
+        let f = within("an echo", read_frame(&mut at, false)).await.unwrap();
+        assert_eq!(f.payload, format!("early {i}").into_bytes());
+    }
+}
