@@ -167,6 +167,12 @@ impl Edge {
             "reload on SIGHUP",
             services::SighupReload(reloader.clone()),
         )));
+        if edge.config.watch {
+            edge.services.push(Box::new(background_service(
+                "reload when the file changes",
+                services::WatchFile(reloader.clone()),
+            )));
+        }
         edge.services.push(Box::new(background_service(
             "reopen the access log on SIGUSR1",
             services::ReopenOnUsr1(reloader),

@@ -1,6 +1,6 @@
 //! The few things wsedge asks of the operating system directly (Linux), each with its
-//! `unsafe` kept here: the open-file limit, socket timeouts on a tunnel's sockets, and a
-//! socket's descriptor duplicated for the relay.
+//! `unsafe` kept here: the open-file limit, socket timeouts on a tunnel's sockets, a
+//! socket's descriptor duplicated for the relay, and an inotify watch on a directory.
 
 #![allow(unsafe_code)]
 
@@ -62,4 +62,42 @@ pub fn dup_socket(fd: std::os::fd::RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: the caller's stream owns `fd` for the duration of this call (a negative
     // descriptor, which Pingora's virtual streams report, was refused above).
     unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+}
+
+/// An inotify descriptor watching `dir` for entries written, created, moved in or out,
+/// deleted or changed in their attributes (what an editor's save, an atomic rename and
+/// Kubernetes' swap of a ConfigMap volume's `..data` symlink do), non-blocking and
+/// close-on-exec, registered with the runtime for reading (call in a runtime).
+pub fn watch_dir(
+    dir: &std::path::Path,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: no pointers; the flags are valid.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just made and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mask = libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_ATTRIB
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF;
+    // SAFETY: `fd` is a live inotify descriptor and `name` a NUL-terminated path that
+    // outlives the call.
+    if unsafe { libc::inotify_add_watch(fd, name.as_ptr(), mask) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let file = std::fs::File::from(owned);
+    // SAFETY: the `File` owns its descriptor, which stays open and the same until the
+    // `AsyncFd` (which owns the `File`) is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
 }

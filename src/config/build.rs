@@ -96,6 +96,7 @@ impl Builder<'_> {
             grace_period,
             admin: self.admin(&f)?,
             metrics: f.metrics.unwrap_or(true),
+            watch: f.watch.unwrap_or(false),
             client: client(&f),
             drain: self.drain(&f, grace_period)?,
             access_log: match f.access_log.as_deref() {

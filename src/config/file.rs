@@ -22,6 +22,9 @@ pub struct FileConfig {
     /// Per-chunk metrics and frame parsing; off saves their cost.
     #[serde(default)]
     pub metrics: Option<bool>,
+    /// Reload by itself when this file changes.
+    #[serde(default)]
+    pub watch: Option<bool>,
     /// `stdout`, `off`, or a file path.
     #[serde(default)]
     pub access_log: Option<String>,

@@ -44,6 +44,8 @@ pub struct Config {
     /// Whether tunnels count bytes and messages into metrics as they pass (frame parsing
     /// included); access-log lines and close reasons are kept either way.
     pub metrics: bool,
+    /// Whether the edge reloads by itself when its configuration file changes (`watch`).
+    pub watch: bool,
     /// Where access-log lines go.
     pub access_log: AccessLogTarget,
     /// Limits on client requests.

@@ -126,6 +126,9 @@ impl Reloader {
                 {
                     message.push_str("; listener changes take effect only after a restart");
                 }
+                if new.watch != current.watch {
+                    message.push_str("; `watch` changes take effect only after a restart");
+                }
                 *current = new;
                 Ok(message)
             }
@@ -162,6 +165,11 @@ impl Reloader {
                 .clone();
             log.reopen(&target);
         }
+    }
+
+    /// The file this reloader reads.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// The admin listener's settings being served (its token may change on reload).

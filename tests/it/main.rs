@@ -22,3 +22,4 @@ mod protection;
 mod speaks;
 mod tls;
 mod tunnel;
+mod watch;
