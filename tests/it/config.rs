@@ -315,3 +315,37 @@ fn hardening_keys_refuse_hostile_values_with_file_line_and_key() {
     assert!(ok, "{err}");
     assert!(err.contains("set admin.token_file"), "{err}");
 }
+
+/// deploy/kubernetes/wsedge.yaml's ConfigMap holds a configuration that `wsedge -t`
+/// accepts, with the token file a test file and the origin's cluster DNS name an address
+/// (names resolve at load, and this machine has no cluster DNS).
+#[test]
+fn the_kubernetes_example_configuration_passes_check() {
+    use serde::Deserialize;
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/wsedge.yaml"),
+    )
+    .unwrap();
+    let mut config = None;
+    for doc in serde_yaml::Deserializer::from_str(&manifest) {
+        let value = serde_yaml::Value::deserialize(doc).unwrap();
+        if value["kind"] == "ConfigMap" {
+            config = value["data"]["wsedge.yaml"].as_str().map(str::to_string);
+        }
+    }
+    let config = config.expect("a ConfigMap with wsedge.yaml");
+    assert!(config.contains("watch: true"), "{config}");
+    let dir = common::scratch_dir("k8s");
+    let token = dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let config = config
+        .replace("/etc/wsedge-admin/token", token.to_str().unwrap())
+        .replace("chat-origin.default.svc.cluster.local:8080", "127.0.0.1:1");
+    let out = common::check_config("wsedge.yaml", &config);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
