@@ -170,7 +170,7 @@ impl Edge {
         if edge.config.watch {
             edge.services.push(Box::new(background_service(
                 "reload when the file changes",
-                services::WatchFile(reloader.clone()),
+                crate::ops::watch::WatchFile(reloader.clone()),
             )));
         }
         edge.services.push(Box::new(background_service(

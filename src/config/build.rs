@@ -92,6 +92,7 @@ impl Builder<'_> {
         let (pingora_yaml, grace_period) = self.pingora(&f)?;
         Ok(Config {
             source: path.to_path_buf(),
+            text: self.text.into(),
             pingora_yaml,
             grace_period,
             admin: self.admin(&f)?,

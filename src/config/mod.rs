@@ -32,6 +32,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Config {
     /// The file it was read from.
     pub source: PathBuf,
+    /// The text it was built from (`watch` compares the file with it).
+    pub(crate) text: std::sync::Arc<str>,
     /// Pingora's `ServerConf` keys as YAML text, if the file had a `pingora:` section.
     pub pingora_yaml: Option<String>,
     /// Pingora's grace period as that section sets it (`grace_period_seconds`), or

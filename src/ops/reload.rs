@@ -172,6 +172,12 @@ impl Reloader {
         &self.path
     }
 
+    /// The text of the configuration being served.
+    pub fn served_text(&self) -> Arc<str> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.text.clone()
+    }
+
     /// The admin listener's settings being served (its token may change on reload).
     pub fn admin(&self) -> Admin {
         self.current

@@ -1,6 +1,6 @@
 //! The background services of an edge: origin health checks, the `/stats` ticker, reload on
-//! SIGHUP or when the file changes (`watch`), and reopening the access log on SIGUSR1. Each
-//! runs until the server shuts down.
+//! SIGHUP, and reopening the access log on SIGUSR1 (reloading when the file changes is
+//! `super::watch`). Each runs until the server shuts down.
 
 use super::reload::Reloader;
 use crate::observe::metrics::EdgeStats;
@@ -107,110 +107,5 @@ impl BackgroundService for ReopenOnUsr1 {
             self.0.reopen_access_log();
         })
         .await
-    }
-}
-
-/// After the first event, how long the directory must be quiet before the file is read
-/// (an editor's save, or a Kubernetes swap, is several events).
-const SETTLE: Duration = Duration::from_millis(200);
-/// At most this long from the first event to the read, however busy the directory.
-const SETTLE_MAX: Duration = Duration::from_secs(1);
-
-/// Reloads when the configuration file changes (`watch: true`): the file's directory is
-/// watched with inotify, which sees an edit in place, an atomic rename over the file and
-/// Kubernetes' swap of a ConfigMap volume's `..data` symlink alike. After the directory
-/// settles, the file is read and, if its bytes differ from the last ones seen, reloaded
-/// exactly as on SIGHUP (a file that does not validate is refused and the previous
-/// configuration serves on; the next change is tried again).
-pub struct WatchFile(pub Arc<Reloader>);
-
-impl WatchFile {
-    /// The file's bytes (None if it cannot be read now), read off the serving threads.
-    async fn read(&self) -> Option<Vec<u8>> {
-        let path = self.0.path().to_path_buf();
-        tokio::task::spawn_blocking(move || std::fs::read(path).ok())
-            .await
-            .ok()
-            .flatten()
-    }
-}
-
-/// Takes every event queued on the inotify descriptor (their content does not matter:
-/// the file is read again); false if the descriptor failed.
-fn drain_events(fd: &tokio::io::unix::AsyncFd<std::fs::File>) -> bool {
-    use std::io::Read;
-    let mut buf = [0u8; 4096];
-    loop {
-        match fd.get_ref().read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("watch: reading inotify events: {e}");
-                return false;
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for WatchFile {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let path = self.0.path().to_path_buf();
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        let fd = match crate::os::watch_dir(&dir) {
-            Ok(fd) => fd,
-            Err(e) => {
-                log::error!(
-                    "watch: cannot watch {}: {e}; reload with SIGHUP or POST /reload",
-                    dir.display()
-                );
-                return;
-            }
-        };
-        log::info!("watch: reloading when {} changes", path.display());
-        let mut seen = self.read().await;
-        loop {
-            // The first event.
-            tokio::select! {
-                ready = fd.readable() => match ready {
-                    Ok(mut guard) => {
-                        guard.clear_ready();
-                        if !drain_events(&fd) {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("watch: {e}; reload with SIGHUP or POST /reload");
-                        return;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            }
-            // Then quiet for SETTLE, or SETTLE_MAX in all.
-            let until = tokio::time::Instant::now() + SETTLE_MAX;
-            while let Ok(Ok(mut guard)) = tokio::time::timeout_at(
-                until.min(tokio::time::Instant::now() + SETTLE),
-                fd.readable(),
-            )
-            .await
-            {
-                guard.clear_ready();
-                if !drain_events(&fd) {
-                    return;
-                }
-            }
-            let now = self.read().await;
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            log::info!("watch: {} changed, reloading", path.display());
-            let _ = self.0.reload_async().await;
-        }
     }
 }

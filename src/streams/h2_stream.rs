@@ -2,12 +2,14 @@
 //! in, DATA out, END_STREAM as the half-close. The relay runs over it as over a socket.
 //!
 //! Memory and backpressure stay per stream and bounded. Reading: the edge's receive window
-//! for the stream ([`STREAM_WINDOW`]) bounds what the client can send ahead, and flow-control
-//! credit goes back only as the relay takes bytes, so a tunnel whose origin stops reading
-//! stops its client without touching the other streams (the connection window leaves room
-//! for every stream's full window). Writing: bytes are handed to h2 only as far as the
-//! client's window and [`SEND_BUFFER`] grant, so a client that stops reading one stream
-//! makes the relay wait (and its origin with it) while the other streams go on.
+//! for the stream ([`STREAM_WINDOW`]) bounds what the client can send ahead; flow-control
+//! credit goes back as each DATA frame is handed to this adapter, which holds at most one
+//! frame until the relay takes it, so a tunnel whose origin stops reading stops its client
+//! after a window and a frame, without touching the other streams (the connection window
+//! leaves room for every stream's full window). Writing: bytes are handed to h2 only as far
+//! as the client's window and [`SEND_BUFFER`] grant, so a client that stops reading one
+//! stream makes the relay wait (and its origin with it); whether the client's other streams
+//! go on then depends on the client's own connection window, which browsers make large.
 
 use bytes::Bytes;
 use h2::{Reason, SendStream};
@@ -86,7 +88,7 @@ impl H2Stream {
 /// connection, as for TCP), any other reason is an error of the stream.
 fn reset_error(reason: Reason) -> io::Error {
     match reason {
-        Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED => {
+        Reason::NO_ERROR | Reason::CANCEL => {
             io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by the client")
         }
         other => io::Error::other(format!("stream reset: {other}")),

@@ -111,6 +111,16 @@ pub async fn open(
         Ok(resp) => resp,
         Err(answer) => return Ok(Outcome::Failed(answer)),
     };
+    // Over HTTP/2 a 2xx to the CONNECT would tell the client its tunnel is open (RFC 8441
+    // §5): an origin that answers the upgrade with a page must not pass for one.
+    if h2_key.is_some() && resp.status.is_success() {
+        log::warn!(
+            "resource {}: origin {server} answered the upgrade with {} instead of 101",
+            res.name,
+            resp.status.as_u16()
+        );
+        return Ok(Outcome::Failed(Answer::OriginInvalid));
+    }
     if resp.status.as_u16() != 101 {
         // Not a tunnel: its slot is free now, and the answer is passed on within bounds.
         drop(slot);

@@ -29,12 +29,16 @@ const NAMES: &[&str] = &[
     "slow.test",
     "liar.test",
     "beat.test",
+    "page.test",
+    "deny.test",
 ];
 
 struct Origins {
     echo: SocketAddr,
     silent: SocketAddr,
     liar: SocketAddr,
+    page: SocketAddr,
+    deny: SocketAddr,
 }
 
 /// The resources of these tests, all on one certificate, after the top-level keys `top`.
@@ -51,7 +55,7 @@ fn config(cert: &Issued, o: &Origins, top: &str) -> String {
         )
     };
     format!(
-        "{top}listen:\n  http: [\"127.0.0.1:0\"]\n  https: [\"127.0.0.3:0\"]\nresources:\n{}{}{}{}{}{}{}{}{}{}{}",
+        "{top}listen:\n  http: [\"127.0.0.1:0\"]\n  https: [\"127.0.0.3:0\"]\nresources:\n{}{}{}{}{}{}{}{}{}{}{}{}{}",
         r("ws", o.echo, ""),
         r("other", o.echo, ""),
         r("off", o.echo, ", enabled: false"),
@@ -62,6 +66,8 @@ fn config(cert: &Issued, o: &Origins, top: &str) -> String {
         r("down", down, ""),
         r("slow", o.silent, ""),
         r("liar", o.liar, ""),
+        r("page", o.page, ""),
+        r("deny", o.deny, ""),
         r(
             "beat",
             o.echo,
@@ -95,6 +101,8 @@ struct Setup {
     edge: Edge,
     echo: Origin,
     silent: Origin,
+    page: Origin,
+    deny: Origin,
     _liar: tokio::task::JoinHandle<()>,
 }
 
@@ -103,11 +111,15 @@ async fn setup(tag: &str, top: &str) -> Setup {
     let cert = pki.issue("sites", NAMES);
     let echo = Origin::start(Mode::Echo).await;
     let silent = Origin::start(Mode::Silent).await;
+    let page = Origin::start(Mode::Status(200)).await;
+    let deny = Origin::start(Mode::Status(403)).await;
     let (liar, liar_task) = lying_origin().await;
     let origins = Origins {
         echo: echo.addr,
         silent: silent.addr,
         liar,
+        page: page.addr,
+        deny: deny.addr,
     };
     let edge = Edge::start(&with_admin(&config(&cert, &origins, top)));
     Setup {
@@ -115,6 +127,8 @@ async fn setup(tag: &str, top: &str) -> Setup {
         edge,
         echo,
         silent,
+        page,
+        deny,
         _liar: liar_task,
     }
 }
@@ -529,6 +543,12 @@ async fn refusals_have_their_status_on_the_stream_and_the_origin_is_not_contacte
     assert_eq!(ask("slow.test", "/", Some("websocket"), vec![]).await, 504);
     assert_eq!(ask("liar.test", "/", Some("websocket"), vec![]).await, 502);
     assert_eq!(s.silent.count(), 1);
+    // An origin that answers the upgrade with a page (200) must not pass for a tunnel
+    // over h2, where 200 is what opens one: 502. Its refusal (403) is passed on.
+    assert_eq!(ask("page.test", "/", Some("websocket"), vec![]).await, 502);
+    assert_eq!(s.page.count(), 1);
+    assert_eq!(ask("deny.test", "/", Some("websocket"), vec![]).await, 403);
+    assert_eq!(s.deny.count(), 1);
 
     // Draining: 503.
     let (code, _) = s.edge.admin_request("POST", "/drain").await;
@@ -550,6 +570,8 @@ async fn refusals_have_their_status_on_the_stream_and_the_origin_is_not_contacte
         ("rate_limited", "rate", 1.0),
         ("over_capacity", "full", 1.0),
         ("origin_timeout", "slow", 1.0),
+        ("origin_invalid", "page", 1.0),
+        ("origin_refused", "deny", 1.0),
     ] {
         let series =
             format!("wsedge_ws_handshakes_total{{outcome=\"{outcome}\",resource=\"{resource}\"}}");
@@ -742,8 +764,37 @@ async fn switched_off_the_setting_is_not_advertised_and_h2_carries_plain_request
         .await
         .unwrap();
     assert_eq!(resp.status, 405);
-    // wss:// over HTTP/1.1 is unchanged.
     assert_eq!(s.echo.upgrades(), 0);
+    // wss:// over HTTP/1.1 is unchanged.
+    let tcp = within(
+        "connect",
+        tokio::net::TcpStream::connect(edge.https.unwrap()),
+    )
+    .await
+    .unwrap();
+    let tls = within(
+        "tls handshake",
+        s.pki.connector(&[b"http/1.1"]).connect(
+            tokio_rustls::rustls::pki_types::ServerName::try_from("ws.test").unwrap(),
+            tcp,
+        ),
+    )
+    .await
+    .unwrap();
+    let (mut ws, resp) = within(
+        "wss handshake",
+        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        echo_once(&mut ws, Message::text("over HTTP/1.1")).await,
+        Message::text("over HTTP/1.1")
+    );
+    within("close", ws.close(None)).await.unwrap();
+    let lines = tunnel_lines(&edge, 1);
+    assert_eq!(field(&lines[0], "protocol"), Some("http/1.1"), "{lines:?}");
 }
 
 #[test]

@@ -763,8 +763,12 @@ mod fuzz {
             "50 MB each way in {:?}: {client_pings} pings to the client, {origin_pings} to the origin",
             started.elapsed()
         );
+        // How many pings come depends on how often a side looks quiet to the edge, which
+        // a loaded machine changes (a pausing writer's earlier bytes may still be queued
+        // behind a slow reader): at least one each way, each checked where it landed. (CI
+        // saw 2 and 2 once; an idle machine gives 5 to 20.)
         assert!(
-            client_pings >= 5 && origin_pings >= 5,
+            client_pings >= 1 && origin_pings >= 1,
             "{client_pings} {origin_pings}"
         );
         let m = edge.admin_request("GET", "/metrics").await.1;

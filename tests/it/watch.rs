@@ -25,10 +25,15 @@ async fn status_for(edge: &Edge, host: &str) -> u16 {
 
 /// Waits (at most 5 s) until `host` gets `want`; how long that took.
 async fn until_status(edge: &Edge, host: &str, want: u16) -> Duration {
+    until_status_within(edge, host, want, Duration::from_secs(5)).await
+}
+
+/// Waits (at most `limit`) until `host` gets `want`; how long that took.
+async fn until_status_within(edge: &Edge, host: &str, want: u16, limit: Duration) -> Duration {
     let started = Instant::now();
     while status_for(edge, host).await != want {
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < limit,
             "{host} never got {want}; log:\n{}",
             edge.log_text()
         );
@@ -121,7 +126,16 @@ async fn a_broken_or_missing_file_is_refused_and_the_old_configuration_serves_on
     // Gone: refused, the configuration serves on; written back in place (not atomically,
     // as an editor may), it is applied once whole.
     std::fs::remove_file(&path).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    within("the refusal of a missing file", async {
+        loop {
+            let (_, m) = edge.admin_request("GET", "/metrics").await;
+            if metric(&m, "wsedge_config_reloads_total{result=\"failed\"}") == Some(2.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(status_for(&edge, "b.test").await, 200);
     std::fs::write(&path, yaml(origin.addr, &["c.test"])).unwrap();
     until_status(&edge, "c.test", 200).await;
@@ -134,6 +148,68 @@ async fn a_broken_or_missing_file_is_refused_and_the_old_configuration_serves_on
     let (_, after) = edge.admin_request("GET", "/metrics").await;
     let reloads = |m: &str| metric(m, "wsedge_config_reloads_total{result=\"ok\"}");
     assert_eq!(reloads(&before), reloads(&after));
+    // (and the watch was alive all along: the next change is applied)
+    replace(&path, &yaml(origin.addr, &["d.test"]));
+    until_status(&edge, "d.test", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_recreated_and_written_slowly_is_applied_only_once_whole() {
+    let origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("watch-slow");
+    let path = dir.join("wsedge.yaml");
+    std::fs::write(&path, yaml(origin.addr, &["a.test"])).unwrap();
+    let edge = Edge::start_file(&path, dir.clone(), &[]);
+    edge.wait_log(&["watch: reloading when"]);
+    // Deleted, created again and written in two halves 1.5 s apart: the first half is a
+    // valid file on its own, and must not be served while the write is open.
+    let half = yaml(origin.addr, &["e.test"]);
+    let rest = format!(
+        "  - name: extra\n    hostnames: [\"f.test\"]\n    origin: {{ servers: [{{ address: \"{}\" }}] }}\n",
+        origin.addr
+    );
+    std::fs::remove_file(&path).unwrap();
+    let mut file = std::fs::File::create(&path).unwrap();
+    use std::io::Write;
+    file.write_all(half.as_bytes()).unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status_for(&edge, "e.test").await,
+        404,
+        "half a file was served"
+    );
+    assert_eq!(status_for(&edge, "a.test").await, 200);
+    file.write_all(rest.as_bytes()).unwrap();
+    drop(file);
+    until_status(&edge, "f.test", 200).await;
+    assert_eq!(status_for(&edge, "e.test").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_inotify_cannot_see_is_found_by_the_periodic_read() {
+    // The file's directory is itself a symlink swapped to another release (`ln -sfn`):
+    // inotify watches the directory it resolved to, which does not change; the file is
+    // read again every 5 s anyway.
+    let origin = Origin::start(Mode::Status(200)).await;
+    let base = scratch_dir("watch-release");
+    for (release, host) in [("r1", "a.test"), ("r2", "g.test")] {
+        std::fs::create_dir(base.join(release)).unwrap();
+        std::fs::write(
+            base.join(release).join("wsedge.yaml"),
+            yaml(origin.addr, &[host]),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("r1", base.join("current")).unwrap();
+    let path = base.join("current").join("wsedge.yaml");
+    let edge = Edge::start_file(&path, base.clone(), &[]);
+    edge.wait_log(&["watch: reloading when"]);
+    assert_eq!(status_for(&edge, "g.test").await, 404);
+    std::os::unix::fs::symlink("r2", base.join("current.tmp")).unwrap();
+    std::fs::rename(base.join("current.tmp"), base.join("current")).unwrap();
+    let took = until_status_within(&edge, "g.test", 200, Duration::from_secs(10)).await;
+    eprintln!("watch: a release swap was found after {took:?}");
 }
 
 #[test]
