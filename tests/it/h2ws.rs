@@ -933,3 +933,26 @@ async fn frames_sent_before_the_200_are_relayed_after_it_in_order() {
         assert_eq!(f.payload, format!("early {i}").into_bytes());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_keeps_its_connection_past_the_keepalive_timeout() {
+    // The connection's idle timeout (client.keepalive_timeout) closes an h2 connection
+    // without streams; a connection whose only stream is a quiet WebSocket is not idle.
+    let s = setup("h2ws-keepalive", "client: { keepalive_timeout: 1s }\n").await;
+    let h2 = s.connect("ws.test").await;
+    let (_, io) = h2_open(&h2, "ws.test", "/ws", Some("websocket"), &[])
+        .await
+        .unwrap();
+    let mut ws = h2_websocket(io.unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        echo_once(&mut ws, Message::text("after 2.5 s")).await,
+        Message::text("after 2.5 s")
+    );
+    // Once it is gone, the connection is closed after the timeout.
+    within("close", ws.close(None)).await.unwrap();
+    drop(ws);
+    let (_, conn) = h2_connect(&s.pki, s.https(), "ws.test").await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "an idle h2 connection is held");
+}
