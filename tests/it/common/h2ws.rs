@@ -1,16 +1,12 @@
 //! A WebSocket client over HTTP/2 (RFC 8441) for the tests: the `h2` crate's client over
-//! rustls, an extended CONNECT, and the stream as bytes ([`H2Io`]) for tungstenite or raw
-//! frames.
+//! rustls, an extended CONNECT, and the stream as bytes (`h2io::H2Io`, shared with
+//! wsload) for tungstenite or raw frames.
 
 use super::edge::within;
 use super::pki::Pki;
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::rustls::pki_types::ServerName;
 
 /// An h2 connection to `addr` over TLS with SNI `sni`: its request handle and the task
@@ -62,19 +58,7 @@ pub async fn advertises_extended_connect(send: &mut SendRequest<Bytes>, authorit
     send.is_extended_connect_protocol_enabled()
 }
 
-/// A WebSocket stream after its `200`.
-pub struct H2Io {
-    recv: RecvStream,
-    send: SendStream<Bytes>,
-    pending: Bytes,
-}
-
-impl H2Io {
-    /// Resets the stream with `reason` (RST_STREAM).
-    pub fn reset(&mut self, reason: h2::Reason) {
-        self.send.send_reset(reason);
-    }
-}
+pub use h2io::H2Io;
 
 /// Opens a WebSocket to `path` with an extended CONNECT (`protocol` as `:protocol`, none
 /// for a plain CONNECT) and these extra fields. The answer's header, and the stream when
@@ -112,11 +96,7 @@ pub async fn h2_open(
     if parts.status != 200 {
         return Ok((parts, None));
     }
-    let io = H2Io {
-        recv,
-        send: stream,
-        pending: Bytes::new(),
-    };
+    let io = H2Io::new(recv, stream);
     Ok((parts, Some(io)))
 }
 
@@ -129,71 +109,4 @@ pub async fn h2_websocket(io: H2Io) -> tokio_tungstenite::WebSocketStream<H2Io> 
         ..Default::default()
     };
     tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await
-}
-
-impl AsyncRead for H2Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        this.send.reserve_capacity(buf.len());
-        loop {
-            let room = this.send.capacity();
-            if room > 0 {
-                let n = room.min(buf.len());
-                return Poll::Ready(
-                    this.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map(|()| n)
-                        .map_err(std::io::Error::other),
-                );
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        Poll::Ready(
-            this.send
-                .send_data(Bytes::new(), true)
-                .map_err(std::io::Error::other),
-        )
-    }
 }

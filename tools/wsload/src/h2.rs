@@ -7,13 +7,11 @@ use super::{cpu_of, rss_kib, AsyncStream, STEP};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
-use std::pin::Pin;
+use h2io::H2Io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -99,11 +97,7 @@ impl Target {
         if resp.status() != 200 {
             return Err(format!("status {}", resp.status()));
         }
-        let io = H2Io {
-            recv: resp.into_body(),
-            send: stream,
-            pending: Bytes::new(),
-        };
+        let io = H2Io::new(resp.into_body(), stream);
         Ok(WebSocketStream::from_raw_socket(io, Role::Client, None).await)
     }
 
@@ -242,75 +236,4 @@ pub async fn idle(target: Target, count: u64, h2: bool, pids: &[u64]) {
     );
     drop(h2_open);
     drop(h1_open);
-}
-
-/// An h2 stream as bytes.
-pub struct H2Io {
-    recv: RecvStream,
-    send: SendStream<Bytes>,
-    pending: Bytes,
-}
-
-impl AsyncRead for H2Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        this.send.reserve_capacity(buf.len());
-        while this.send.capacity() == 0 {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-        let n = this.send.capacity().min(buf.len());
-        Poll::Ready(
-            this.send
-                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                .map(|()| n)
-                .map_err(std::io::Error::other),
-        )
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        Poll::Ready(
-            this.send
-                .send_data(Bytes::new(), true)
-                .map_err(std::io::Error::other),
-        )
-    }
 }
