@@ -956,3 +956,94 @@ async fn a_quiet_websocket_keeps_its_connection_past_the_keepalive_timeout() {
     let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
     assert!(ended.is_ok(), "an idle h2 connection is held");
 }
+
+/// The extended CONNECT of a WebSocket to `/ws` on `ws.test`, as literal fields.
+fn connect_block() -> Vec<u8> {
+    RawH2::block(&[
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "https"),
+        (":path", "/ws"),
+        (":authority", "ws.test"),
+        ("sec-websocket-version", "13"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_goaway_leaves_its_open_websocket_running() {
+    let s = setup("h2ws-goaway", "").await;
+    let mut raw = RawH2::connect(&s.pki, s.https(), "ws.test").await;
+    // HEADERS with END_HEADERS on stream 1; the answer is :status 200 (HPACK's static
+    // entry 8, which h2 encodes as the single byte 0x88).
+    raw.send(1, 0x4, 1, &connect_block()).await;
+    let (kind, _, _, block) = raw.next_on(1).await.expect("an answer");
+    assert_eq!((kind, block.first()), (1, Some(&0x88)), "{block:?}");
+    // The client's GOAWAY (last stream 0, NO_ERROR): no new streams from the server, and
+    // the open one goes on.
+    raw.send(7, 0, 0, &[0; 8]).await;
+    raw.send(
+        0,
+        0,
+        1,
+        &frame(true, 1, b"after goaway", Some([7, 7, 7, 7])),
+    )
+    .await;
+    let (kind, _, _, data) = raw.next_on(1).await.expect("the echo");
+    assert_eq!(kind, 0, "DATA");
+    let mut at = &data[..];
+    let echo = within("the echo", read_frame(&mut at, false))
+        .await
+        .unwrap();
+    assert_eq!(echo.payload, b"after goaway");
+    // The closing handshake, then the edge's END_STREAM.
+    raw.send(0, 0, 1, &close(1000, "", Some([1, 2, 3, 4])))
+        .await;
+    let mut ended = false;
+    while let Some((kind, flags, _, data)) = raw.next_on(1).await {
+        if kind == 0 && !data.is_empty() {
+            let mut at = &data[..];
+            let f = within("the close", read_frame(&mut at, false))
+                .await
+                .unwrap();
+            assert_eq!(f.code(), Some(1000));
+        }
+        if kind == 3 || (kind == 0 && flags & 1 != 0) {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "the stream never ended");
+    let lines = tunnel_lines(&s.edge, 1);
+    assert_eq!(
+        field(&lines[0], "close_reason"),
+        Some("client_closed"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_the_edge_did_not_offer_is_refused_and_reaches_no_origin() {
+    let s = setup("h2ws-unoffered", "").await;
+    let yaml = std::fs::read_to_string(s.edge.dir.join("wsedge.yaml")).unwrap();
+    let off = yaml.replace(
+        "  https: [\"127.0.0.3:0\"]\n",
+        "  https: [\"127.0.0.3:0\"]\n  h2_websockets: false\n",
+    );
+    let edge = Edge::start(&off);
+    let mut raw = RawH2::connect(&s.pki, edge.https.unwrap(), "ws.test").await;
+    raw.send(1, 0x4, 1, &connect_block()).await;
+    // A stream error (RST_STREAM) or a connection error (GOAWAY), never an answer
+    // (SETTINGS acknowledgements and window updates aside).
+    let f = loop {
+        match raw.next().await {
+            Some((4 | 8, ..)) => continue,
+            other => break other,
+        }
+    };
+    eprintln!("an unoffered :protocol got {f:?}");
+    assert!(
+        matches!(f, None | Some((3, ..)) | Some((7, ..))),
+        "answered: {f:?}"
+    );
+    assert_eq!(s.echo.count(), 0, "the origin was contacted");
+}

@@ -110,3 +110,96 @@ pub async fn h2_websocket(io: H2Io) -> tokio_tungstenite::WebSocketStream<H2Io> 
     };
     tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await
 }
+
+/// HTTP/2 spoken by hand over TLS, for what the `h2` crate's client will not send (a
+/// GOAWAY of the client's own, a `:protocol` the server did not offer): frames in and out,
+/// header blocks as HPACK literals (no table, no Huffman).
+pub struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+}
+
+/// One frame: type, flags, stream, payload.
+pub type H2Frame = (u8, u8, u32, Vec<u8>);
+
+impl RawH2 {
+    /// TLS with ALPN h2, the preface and an empty SETTINGS.
+    pub async fn connect(pki: &Pki, addr: SocketAddr, sni: &str) -> RawH2 {
+        use tokio::io::AsyncWriteExt;
+        let tcp = within("connect", tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let tls = within(
+            "tls handshake",
+            pki.connector(&[b"h2"])
+                .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
+        )
+        .await
+        .unwrap();
+        let mut raw = RawH2 { tls };
+        raw.tls
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        raw.send(4, 0, 0, &[]).await;
+        raw
+    }
+
+    /// Writes one frame.
+    pub async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        within("write a frame", self.tls.write_all(&f))
+            .await
+            .unwrap();
+    }
+
+    /// Reads the next frame (None at the end of the connection), acknowledging SETTINGS.
+    pub async fn next(&mut self) -> Option<H2Frame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut head = [0u8; 9];
+            within("a frame", self.tls.read_exact(&mut head))
+                .await
+                .ok()?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            within("a frame's payload", self.tls.read_exact(&mut payload))
+                .await
+                .ok()?;
+            if head[3] == 4 && head[4] & 1 == 0 {
+                self.send(4, 1, 0, &[]).await;
+                continue;
+            }
+            return Some((head[3], head[4], stream, payload));
+        }
+    }
+
+    /// The next frame on `stream` (others skipped).
+    pub async fn next_on(&mut self, stream: u32) -> Option<H2Frame> {
+        loop {
+            let f = self.next().await?;
+            if f.2 == stream {
+                return Some(f);
+            }
+        }
+    }
+
+    /// A header block of literal fields (pseudo-fields first, as given).
+    pub fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (name, value) in fields {
+            b.push(0);
+            for s in [name, value] {
+                assert!(s.len() < 127, "a short field");
+                b.push(s.len() as u8);
+                b.extend_from_slice(s.as_bytes());
+            }
+        }
+        b
+    }
+}
