@@ -1,6 +1,7 @@
 //! The few things wsedge asks of the operating system directly (Linux), each with its
 //! `unsafe` kept here: the open-file limit, socket timeouts on a tunnel's sockets, a
-//! socket's descriptor duplicated for the relay, and an inotify watch on a directory.
+//! socket's descriptor duplicated for the relay, an inotify watch on a directory, and the
+//! process's user and group ids (for what a file's permissions say to them).
 
 #![allow(unsafe_code)]
 
@@ -100,4 +101,10 @@ pub fn watch_dir(
     // `AsyncFd` (which owns the `File`) is dropped.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into())
+}
+
+/// The process's effective user and group ids.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: no arguments; these calls cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
 }

@@ -272,7 +272,7 @@ impl Config {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.display().to_string(),
-            source,
+            source: explain_read_error(path, source),
         })?;
         Self::from_yaml(path, &text)
     }
@@ -281,6 +281,32 @@ impl Config {
     pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
         build::build(path.as_ref(), text)
     }
+}
+
+/// A permission error says who this process is and what the file allows, and what to do
+/// (a file mounted into a container is often its owner's only, mode 0600, while the
+/// process runs as another user); other errors stay as they are.
+fn explain_read_error(path: &Path, e: std::io::Error) -> std::io::Error {
+    use std::os::unix::fs::MetadataExt;
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return e;
+    }
+    let (uid, gid) = crate::os::effective_ids();
+    let file = match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "the file is owned by uid {} gid {} with mode {:04o}",
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o7777
+        ),
+        Err(_) => "a directory on its path is not searchable".to_string(),
+    };
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "permission denied: wsedge runs as uid {uid} gid {gid} and {file}; make it readable by this user (chmod a+r, or chown it), or run wsedge as its owner (docker run --user)"
+        ),
+    )
 }
 
 impl Resource {

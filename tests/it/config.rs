@@ -349,3 +349,48 @@ fn the_kubernetes_example_configuration_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A configuration file the process may not read (a mount of mode 0600 owned by another
+/// user, as in a container) is an error that says who the process is, what the file
+/// allows, and what to do. Runs wsedge as `nobody` (needs root to switch users).
+#[test]
+fn an_unreadable_file_says_who_wsedge_runs_as_and_what_to_do() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("not root: cannot run wsedge as another user here");
+        return;
+    }
+    let dir = common::scratch_dir("unreadable");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("wsedge.yaml");
+    std::fs::write(
+        &path,
+        "listen: { http: [\"127.0.0.1:0\"] }\nresources:\n  - name: r\n    hostnames: [a.test]\n    origin: { servers: [{ address: \"127.0.0.1:1\" }] }\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A copy of the binary nobody may run wherever the checkout is (a home directory may
+    // not be searchable by others).
+    let bin = dir.join("wsedge");
+    std::fs::copy(common::wsedge_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["-t", "-c"])
+        .arg(&path)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "read as nobody: {err}");
+    for says in [
+        "wsedge.yaml: cannot read the file: permission denied",
+        "uid 65534",
+        "owned by uid 0",
+        "mode 0600",
+        "chmod a+r",
+    ] {
+        assert!(err.contains(says), "{says:?} not in: {err}");
+    }
+}
