@@ -85,7 +85,7 @@ pub enum AccessLogTarget {
 }
 
 /// Where the edge listens.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listen {
     /// Plain HTTP and `ws://` listeners.
     pub http: Vec<SocketAddr>,
@@ -270,7 +270,7 @@ impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_text(path).map_err(|source| ConfigError::Read {
             file: path.display().to_string(),
             source: explain_read_error(path, source),
         })?;
@@ -281,6 +281,33 @@ impl Config {
     pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
         build::build(path.as_ref(), text)
     }
+}
+
+/// The largest configuration file read, bytes.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// A configuration file's text: a regular file (a FIFO or a device would be waited on
+/// forever, by a start, a reload and `watch` alike) of at most [`MAX_FILE_BYTES`].
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_FILE_BYTES >> 20),
+        ));
+    }
+    Ok(text)
 }
 
 /// A permission error says who this process is and what the file allows, and what to do

@@ -146,10 +146,12 @@ impl WatchFile {
     /// The file's text (None if it cannot be read now), read off the serving threads.
     async fn read(path: &Path) -> Option<Vec<u8>> {
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || std::fs::read(path).ok())
-            .await
-            .ok()
-            .flatten()
+        tokio::task::spawn_blocking(move || {
+            crate::config::read_text(&path).ok().map(String::into_bytes)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

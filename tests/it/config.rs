@@ -394,3 +394,53 @@ fn an_unreadable_file_says_who_wsedge_runs_as_and_what_to_do() {
         assert!(err.contains(says), "{says:?} not in: {err}");
     }
 }
+
+/// A configuration path that is a FIFO (a read would wait for a writer forever), a
+/// directory, or a file over 16 MiB is refused at once, naming the file and why.
+#[test]
+fn a_fifo_a_directory_or_a_huge_file_is_refused_at_once() {
+    let dir = common::scratch_dir("not-a-file");
+    let fifo = dir.join("fifo.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let huge = dir.join("huge.yaml");
+    let mut text = String::from("listen: { http: [\"127.0.0.1:0\"] }\n");
+    while text.len() <= 16 << 20 {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&huge, text).unwrap();
+    for (path, says) in [
+        (&fifo, "not a regular file"),
+        (&dir, "not a regular file"),
+        (&huge, "larger than 16 MiB"),
+    ] {
+        let mut child = Command::new(common::wsedge_bin())
+            .args(["-t", "-c"])
+            .arg(path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("{} was waited on", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{}: accepted", path.display());
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(says),
+            "{says:?} not in: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

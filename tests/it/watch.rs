@@ -225,3 +225,27 @@ fn a_bad_watch_value_is_an_error_naming_the_file_line_and_key() {
         assert!(err.contains("watch"), "{value}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_put_in_the_files_place_is_refused_without_waiting_on_it() {
+    // A read of a FIFO waits for a writer forever: the watch must not, and the edge
+    // serves on and takes the next file.
+    let origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("watch-fifo");
+    let path = dir.join("wsedge.yaml");
+    std::fs::write(&path, yaml(origin.addr, &["a.test"])).unwrap();
+    let edge = Edge::start_file(&path, dir.clone(), &[]);
+    edge.wait_log(&["watch: reloading when"]);
+    let fifo = dir.join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(&fifo, &path).unwrap();
+    let log = edge.wait_log(&["not a regular file"]);
+    assert!(log.contains("reload failed"), "{log}");
+    assert_eq!(status_for(&edge, "a.test").await, 200);
+    replace(&path, &yaml(origin.addr, &["b.test"]));
+    until_status(&edge, "b.test", 200).await;
+}
