@@ -119,11 +119,7 @@ impl Reloader {
                     self.path.display(),
                     new.resources.len()
                 );
-                if new.listen.http != current.listen.http
-                    || new.listen.https != current.listen.https
-                    || new.listen.h2_websockets != current.listen.h2_websockets
-                    || new.admin.addr != current.admin.addr
-                {
+                if new.listen != current.listen || new.admin.addr != current.admin.addr {
                     message.push_str("; listener changes take effect only after a restart");
                 }
                 if new.watch != current.watch {

@@ -137,34 +137,56 @@ pub async fn open(
         );
         return Ok(Outcome::Failed(Answer::OriginInvalid));
     }
-    if let Some(key) = h2_key {
-        let parts = Parts {
-            res,
-            info,
-            report,
-            slot,
-            server,
-            drain,
-        };
-        return open_h2(session, up, resp, &key, parts).await;
-    }
-    session.write_response_header(resp, false).await?;
+    // For an HTTP/2 client the edge made the key: the answer must be to it (else 502,
+    // nothing sent to the client), and the client gets `200` on its stream.
+    let answer = match &h2_key {
+        None => resp,
+        Some(key) if over_h2::accepts(&resp, key) => over_h2::answer(&resp)?,
+        Some(_) => {
+            log::warn!(
+                "resource {}: origin {server} answered 101 with a wrong Sec-WebSocket-Accept",
+                res.name
+            );
+            return Ok(Outcome::Failed(Answer::OriginInvalid));
+        }
+    };
+    session.write_response_header(answer, false).await?;
 
     let (detachable, tls) = (info.detachable, info.tls);
     let mut guard = TunnelGuard::new(info, report, slot, server);
+    let idle = res.websocket.idle_timeout;
+    if h2_key.is_some() {
+        // The stream is relayed like a socket and ended with END_STREAM, in the stream's
+        // own task (see `Outcome::Streaming`).
+        let Some(client) = take_h2(session) else {
+            // An HTTP/2 session whose response stream is gone: not reached.
+            guard.finish(CloseReason::Error, Default::default());
+            return Ok(Outcome::Opened);
+        };
+        let (origin, from_origin) = origin_stream(up, idle);
+        let early = [None, from_origin];
+        let relay = Relay::new(
+            client,
+            origin,
+            &res.websocket,
+            guard,
+            early,
+            true,
+            drain.as_ref(),
+        );
+        return Ok(Outcome::Streaming(Box::pin(relay)));
+    }
     let Some((client, from_client)) = take_client(session) else {
         // Not an HTTP/1 session (HTTP/2 clients came with a key): not reached.
         guard.finish(CloseReason::Error, Default::default());
         return Ok(Outcome::Opened);
     };
-    let (origin, from_origin) = origin_stream(up);
+    let (origin, from_origin) = origin_stream(up, idle);
     let client = match detachable {
         true => detach(client),
         false => client,
     };
-    let idle = res.websocket.idle_timeout;
     crate::os::set_user_timeout(&*client, idle);
-    crate::os::set_user_timeout(&*origin, idle);
     // The tunnel runs as a task of its own; Pingora's request state ends here. A TLS
     // client is sent its close_notify when the tunnel ends.
     tokio::spawn(Relay::new(
@@ -179,73 +201,16 @@ pub async fn open(
     Ok(Outcome::Opened)
 }
 
-/// What a tunnel is made of once its origin said 101.
-struct Parts<'a> {
-    res: &'a Resource,
-    info: TunnelInfo,
-    report: Reporting,
-    slot: Slot,
-    server: SocketAddr,
-    drain: Option<Arc<Drain>>,
-}
-
-/// The tunnel of an HTTP/2 client: the origin's 101 must answer the edge's key (else 502,
-/// nothing sent to the client), then the client gets `200` and its stream is relayed like
-/// a socket, ended with END_STREAM.
-#[cold]
-async fn open_h2(
-    session: &mut Session,
-    up: OriginSession,
-    resp: Box<ResponseHeader>,
-    key: &str,
-    parts: Parts<'_>,
-) -> pingora::Result<Outcome> {
-    let Parts {
-        res,
-        info,
-        report,
-        slot,
-        server,
-        drain,
-    } = parts;
-    if !over_h2::accepts(&resp, key) {
-        log::warn!(
-            "resource {}: origin {server} answered 101 with a wrong Sec-WebSocket-Accept",
-            res.name
-        );
-        return Ok(Outcome::Failed(Answer::OriginInvalid));
-    }
-    session
-        .write_response_header(over_h2::answer(&resp)?, false)
-        .await?;
-    let mut guard = TunnelGuard::new(info, report, slot, server);
-    let Some(client) = take_h2(session) else {
-        // An HTTP/2 session whose response stream is gone: not reached.
-        guard.finish(CloseReason::Error, Default::default());
-        return Ok(Outcome::Opened);
-    };
-    let (origin, from_origin) = origin_stream(up);
-    crate::os::set_user_timeout(&*origin, res.websocket.idle_timeout);
-    let relay = Relay::new(
-        client,
-        origin,
-        &res.websocket,
-        guard,
-        [None, from_origin],
-        true,
-        drain.as_ref(),
-    );
-    Ok(Outcome::Streaming(Box::pin(relay)))
-}
-
-/// The origin's connection after its 101, with what it sent after the answer that the
-/// session already holds (taken without reading the socket).
-fn origin_stream(mut up: OriginSession) -> (Stream, Option<Bytes>) {
+/// The origin's connection after its 101 (with `TCP_USER_TIMEOUT` at the idle timeout),
+/// with what it sent after the answer that the session already holds (taken without
+/// reading the socket).
+fn origin_stream(mut up: OriginSession, idle: Duration) -> (Stream, Option<Bytes>) {
     up.read_timeout = None;
     BareTcp::set_quiet(up.stream(), true);
     let from_origin = poll_preread(up.read_body_bytes());
     let origin = up.into_inner();
     BareTcp::set_quiet(&origin, false);
+    crate::os::set_user_timeout(&*origin, idle);
     (origin, from_origin)
 }
 
