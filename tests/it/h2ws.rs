@@ -156,13 +156,6 @@ fn tunnel_lines(edge: &Edge, n: usize) -> Vec<String> {
     lines.into_iter().filter(|l| is_tunnel(l)).collect()
 }
 
-/// Deterministic bytes of length `n`.
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_websockets_are_advertised_and_echo_as_over_http1() {
     let s = setup("h2ws-echo", "").await;
@@ -215,26 +208,7 @@ async fn h2_websockets_are_advertised_and_echo_as_over_http1() {
 
     // Text and binary from 0 bytes to 16 MiB come back byte for byte.
     let mut ws = h2_websocket(io.unwrap()).await;
-    for (i, n) in [0usize, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20]
-        .into_iter()
-        .enumerate()
-    {
-        let bin = pattern(n, i as u8);
-        assert_eq!(
-            echo_once(&mut ws, Message::binary(bin.clone())).await,
-            Message::binary(bin),
-            "binary {n}"
-        );
-        let text: String = pattern(n, i as u8)
-            .iter()
-            .map(|b| (b'a' + b % 26) as char)
-            .collect();
-        assert_eq!(
-            echo_once(&mut ws, Message::text(text.clone())).await,
-            Message::text(text),
-            "text {n}"
-        );
-    }
+    echo_sizes(&mut ws, &[0, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20]).await;
     within(
         "close",
         ws.close(Some(CloseFrame {
@@ -1046,4 +1020,40 @@ async fn a_protocol_the_edge_did_not_offer_is_refused_and_reaches_no_origin() {
         "answered: {f:?}"
     );
     assert_eq!(s.echo.count(), 0, "the origin was contacted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_authorities_and_hosts_on_a_connect_are_refused_before_any_origin() {
+    // Sent by hand: what the h2 client's URI type would not let through.
+    let s = setup("h2ws-authority", "").await;
+    for (authority, host) in [
+        ("ws.test:notaport", None),
+        ("ws..test", None),
+        ("-ws.test", None),
+        ("ws.test", Some("other.test")),
+        ("ws.test", Some("ws.test, other.test")),
+    ] {
+        let mut raw = RawH2::connect(&s.pki, s.https(), "ws.test").await;
+        let mut fields = vec![
+            (":method", "CONNECT"),
+            (":protocol", "websocket"),
+            (":scheme", "https"),
+            (":path", "/ws"),
+            (":authority", authority),
+            ("sec-websocket-version", "13"),
+        ];
+        if let Some(h) = host {
+            fields.push(("host", h));
+        }
+        raw.send(1, 0x4, 1, &RawH2::block(&fields)).await;
+        let f = raw.next_on(1).await;
+        // An answer other than 200 (HPACK's 0x88), or a reset: never a tunnel.
+        let refused = match &f {
+            Some((1, _, _, block)) => block.first() != Some(&0x88),
+            Some((3, ..)) | None => true,
+            _ => false,
+        };
+        assert!(refused, "{authority} {host:?}: {f:?}");
+    }
+    assert_eq!(s.echo.count(), 0, "a hostile request reached the origin");
 }

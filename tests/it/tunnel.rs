@@ -17,13 +17,6 @@ fn big_config() -> WebSocketConfig {
     }
 }
 
-/// Deterministic bytes of length `n` that differ at every position.
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
-        .collect()
-}
-
 #[tokio::test]
 async fn text_and_binary_from_0_bytes_to_16_mib_are_byte_identical_and_in_order() {
     let origin = Origin::start(Mode::Echo).await;
@@ -48,23 +41,7 @@ async fn text_and_binary_from_0_bytes_to_16_mib_are_byte_identical_and_in_order(
         1 << 20,
         16 << 20,
     ];
-    for (i, &n) in sizes.iter().enumerate() {
-        let bin = pattern(n, i as u8);
-        assert_eq!(
-            echo_once(&mut ws, Message::binary(bin.clone())).await,
-            Message::binary(bin),
-            "binary {n}"
-        );
-        let text: String = pattern(n, i as u8)
-            .iter()
-            .map(|b| (b'a' + b % 26) as char)
-            .collect();
-        assert_eq!(
-            echo_once(&mut ws, Message::text(text.clone())).await,
-            Message::text(text),
-            "text {n}"
-        );
-    }
+    echo_sizes(&mut ws, &sizes).await;
 
     // Pipelined: 1,000 messages sent before any is read come back in order.
     for i in 0..1000u32 {

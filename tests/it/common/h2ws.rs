@@ -17,17 +17,7 @@ pub async fn h2_connect(
     addr: SocketAddr,
     sni: &str,
 ) -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
-    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let tls = within(
-        "tls handshake",
-        pki.connector(&[b"h2"])
-            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
-    )
-    .await
-    .unwrap();
+    let tls = tls_h2(pki, addr, sni).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (send, conn) = within(
         "h2 handshake",
@@ -41,6 +31,25 @@ pub async fn h2_connect(
         let _ = conn.await;
     });
     (send, task)
+}
+
+/// TCP (`TCP_NODELAY`, as browsers set it) and TLS offering only h2, with SNI `sni`.
+async fn tls_h2(
+    pki: &Pki,
+    addr: SocketAddr,
+    sni: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    within(
+        "tls handshake",
+        pki.connector(&[b"h2"])
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
+    )
+    .await
+    .unwrap()
 }
 
 /// Whether the edge's SETTINGS said `ENABLE_CONNECT_PROTOCOL = 1`, once they arrived (a
@@ -125,18 +134,9 @@ impl RawH2 {
     /// TLS with ALPN h2, the preface and an empty SETTINGS.
     pub async fn connect(pki: &Pki, addr: SocketAddr, sni: &str) -> RawH2 {
         use tokio::io::AsyncWriteExt;
-        let tcp = within("connect", tokio::net::TcpStream::connect(addr))
-            .await
-            .unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let tls = within(
-            "tls handshake",
-            pki.connector(&[b"h2"])
-                .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp),
-        )
-        .await
-        .unwrap();
-        let mut raw = RawH2 { tls };
+        let mut raw = RawH2 {
+            tls: tls_h2(pki, addr, sni).await,
+        };
         raw.tls
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await

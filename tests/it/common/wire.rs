@@ -105,6 +105,38 @@ where
         .expect("ws error")
 }
 
+/// Deterministic bytes of length `n` that differ at every position.
+pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+        .collect()
+}
+
+/// Echoes a binary and a text message of each size through `ws`: each must come back
+/// byte for byte.
+pub async fn echo_sizes<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, sizes: &[usize])
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for (i, &n) in sizes.iter().enumerate() {
+        let bin = pattern(n, i as u8);
+        assert_eq!(
+            echo_once(ws, Message::binary(bin.clone())).await,
+            Message::binary(bin),
+            "binary {n}"
+        );
+        let text: String = pattern(n, i as u8)
+            .iter()
+            .map(|b| (b'a' + b % 26) as char)
+            .collect();
+        assert_eq!(
+            echo_once(ws, Message::text(text.clone())).await,
+            Message::text(text),
+            "text {n}"
+        );
+    }
+}
+
 /// A TCP stream that counts the bytes it reads and writes, so a test knows exactly what
 /// crossed the edge.
 pub struct Counted {

@@ -3,14 +3,13 @@
 //! WebSockets over TLS, as h2 streams or as one HTTP/1.1 connection each, to compare the
 //! edge's memory per tunnel.
 
-use super::{cpu_of, rss_kib, AsyncStream, STEP};
+use super::{rss_kib, AsyncStream, STEP};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use h2::client::SendRequest;
 use h2io::H2Io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
@@ -130,17 +129,14 @@ async fn echoed<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// One echo and the close.
-async fn echo_and_close<S: AsyncRead + AsyncWrite + Unpin>(
-    mut ws: WebSocketStream<S>,
+pub(crate) async fn echo_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: WebSocketStream<S>,
 ) -> Result<(), String> {
-    ws.send(Message::text("hi"))
+    echoed(ws)
+        .await?
+        .close(None)
         .await
-        .map_err(|e| e.to_string())?;
-    ws.next()
-        .await
-        .ok_or("no echo")?
-        .map_err(|e| e.to_string())?;
-    ws.close(None).await.map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// `count` WebSockets (extended CONNECT, one echo, close), each a new stream of one of
@@ -155,48 +151,11 @@ pub async fn handshakes(target: Target, conns: u64, count: u64, pids: &[u64]) {
             .expect("h2 connection");
         senders.push(send);
     }
-    let done = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let cpu0 = cpu_of(pids);
-    let start = Instant::now();
-    let tasks: Vec<_> = senders
-        .into_iter()
-        .map(|send| {
-            let (done, failures, target) = (done.clone(), failures.clone(), target.clone());
-            tokio::spawn(async move {
-                while done.fetch_add(1, Ordering::Relaxed) < count as usize {
-                    let one = async {
-                        let ws = target.h2_websocket(&send).await?;
-                        echo_and_close(ws).await
-                    };
-                    match tokio::time::timeout(STEP, one).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
-                                eprintln!("wsload: h2 handshake failed: {e}");
-                            }
-                        }
-                        Err(_) => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("a client task");
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu = match (cpu0, cpu_of(pids)) {
-        (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
-        _ => "null".into(),
-    };
-    println!(
-        "{{\"handshakes\":{count},\"failures\":{},\"seconds\":{secs:.3},\"handshakes_per_s\":{:.0},\"cpu_us_per_handshake\":{cpu}}}",
-        failures.load(Ordering::Relaxed),
-        count as f64 / secs
-    );
+    let one: Arc<super::Attempt<SendRequest<Bytes>>> = Arc::new(move |send| {
+        let target = target.clone();
+        Box::pin(async move { echo_and_close(target.h2_websocket(send).await?).await })
+    });
+    super::run_handshakes(senders, count, pids, one).await
 }
 
 /// Opens `count` idle WebSockets over TLS, as streams of h2 connections (100 a

@@ -387,80 +387,85 @@ async fn handshakes(
         path,
         ..
     } = h2::Target::parse(url, host, ca);
+    let target = Arc::new((tls, authority, host, path));
+    let one: Arc<Attempt<()>> = Arc::new(move |_: &()| {
+        let target = target.clone();
+        Box::pin(async move {
+            let (tls, authority, host, path) = &*target;
+            let tcp = tokio::net::TcpStream::connect(authority)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let scheme = if tls.is_some() { "wss" } else { "ws" };
+            let mut req = format!("{scheme}://{host}{path}")
+                .into_client_request()
+                .map_err(|e| e.to_string())?;
+            req.headers_mut()
+                .insert("Host", host.parse().map_err(|_| "bad host")?);
+            let stream: Box<dyn AsyncStream> = match tls {
+                Some(config) => {
+                    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                        .map_err(|e| e.to_string())?;
+                    Box::new(
+                        tokio_rustls::TlsConnector::from(config.clone())
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
+                None => Box::new(tcp),
+            };
+            let (ws, _) = tokio_tungstenite::client_async(req, stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            h2::echo_and_close(ws).await
+        })
+    });
+    run_handshakes(vec![(); conns as usize], count, pids, one).await
+}
+
+/// One handshake of a worker (`W`: what the worker holds, an h2 connection say).
+type Attempt<W> =
+    dyn for<'a> Fn(&'a W) -> futures_util::future::BoxFuture<'a, Result<(), String>> + Send + Sync;
+
+/// Runs `count` handshakes (`one`, each within [`STEP`]) over one task per worker, then
+/// prints `{"handshakes","failures","seconds","handshakes_per_s","cpu_us_per_handshake"}`.
+async fn run_handshakes<W: Send + Sync + 'static>(
+    workers: Vec<W>,
+    count: u64,
+    pids: &[u64],
+    one: Arc<Attempt<W>>,
+) {
     let done = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_of(pids);
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (done, failures, tls, authority, host, path) = (
-            done.clone(),
-            failures.clone(),
-            tls.clone(),
-            authority.clone(),
-            host.clone(),
-            path.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            while done.fetch_add(1, Ordering::Relaxed) < count as usize {
-                let one = async {
-                    let tcp = tokio::net::TcpStream::connect(&authority)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let _ = tcp.set_nodelay(true);
-                    let scheme = if tls.is_some() { "wss" } else { "ws" };
-                    let mut req = format!("{scheme}://{host}{path}")
-                        .into_client_request()
-                        .map_err(|e| e.to_string())?;
-                    req.headers_mut()
-                        .insert("Host", host.parse().map_err(|_| "bad host")?);
-                    let stream: Box<dyn AsyncStream> = match &tls {
-                        Some(config) => {
-                            let name =
-                                tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
-                                    .map_err(|e| e.to_string())?;
-                            Box::new(
-                                tokio_rustls::TlsConnector::from(config.clone())
-                                    .connect(name, tcp)
-                                    .await
-                                    .map_err(|e| e.to_string())?,
-                            )
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|worker| {
+            let (done, failures, one) = (done.clone(), failures.clone(), one.clone());
+            tokio::spawn(async move {
+                while done.fetch_add(1, Ordering::Relaxed) < count as usize {
+                    match tokio::time::timeout(STEP, one(&worker)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("wsload: handshake failed: {e}");
+                            }
                         }
-                        None => Box::new(tcp),
-                    };
-                    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    ws.send(Message::text("hi"))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    ws.next()
-                        .await
-                        .ok_or("no echo")?
-                        .map_err(|e| e.to_string())?;
-                    ws.close(None).await.map_err(|e| e.to_string())?;
-                    Ok::<(), String>(())
-                };
-                match tokio::time::timeout(STEP, one).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        if failures.fetch_add(1, Ordering::Relaxed) < 3 {
-                            eprintln!("wsload: handshake failed: {e}");
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
                         }
-                    }
-                    Err(_) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            }
-        }));
-    }
+            })
+        })
+        .collect();
     for t in tasks {
         t.await.expect("a client task");
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu1 = cpu_of(pids);
-    let cpu = match (cpu0, cpu1) {
+    let cpu = match (cpu0, cpu_of(pids)) {
         (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
         _ => "null".into(),
     };
