@@ -72,6 +72,9 @@ pub enum RunError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// Neither etcd nor the last-known-good file could be read (`source.etcd`).
+    #[error("{0}")]
+    NoSource(String),
     /// The demo origin could not start.
     #[error("cannot start the demo origin on {addr}: {source}")]
     Demo {
@@ -167,6 +170,12 @@ impl Edge {
             "reload on SIGHUP",
             services::SighupReload(reloader.clone()),
         )));
+        if let Some(settings) = &edge.config.etcd {
+            edge.services.push(Box::new(background_service(
+                "watch etcd",
+                crate::fleet::watch::WatchEtcd::new(reloader.clone(), settings.clone()),
+            )));
+        }
         if edge.config.watch {
             edge.services.push(Box::new(background_service(
                 "reload when the file changes",
@@ -263,6 +272,14 @@ impl Edge {
         self
     }
 
+    /// Says that the configuration is the last-known-good file's, because etcd could not
+    /// be read (`why`): `/healthz` and the metrics say so, and the watch reads everything
+    /// as soon as etcd answers.
+    pub fn started_from_last_known_good(self, why: String) -> Edge {
+        self.reloader.set_source(false, Some(why), Some(true));
+        self
+    }
+
     /// The live resource table (store a new `Router` in it to reload by hand).
     pub fn router(&self) -> &SharedRouter {
         &self.router
@@ -326,14 +343,35 @@ pub fn init_logging() -> Arc<LineWriter> {
 /// Runs wsedge as the command line asked. Returns for `-t`, on an error, or once the
 /// server has shut down (with its access log flushed).
 pub fn run(opts: Options) -> Result<(), RunError> {
-    let mut config = Config::load(&opts.config)?;
+    let (mut config, origin) = crate::fleet::load(&opts.config).map_err(|e| match e {
+        crate::fleet::LoadError::Config(e) => RunError::Config(e),
+        crate::fleet::LoadError::NoSource(why) => RunError::NoSource(why),
+    })?;
     for w in &config.warnings {
         eprintln!("wsedge: warning: {w}");
+    }
+    let revision = config.store.as_ref().map_or(0, |s| s.revision);
+    let from = match &origin {
+        crate::fleet::Origin::File => String::new(),
+        crate::fleet::Origin::Etcd => format!(", from etcd at revision {revision}"),
+        crate::fleet::Origin::LastKnownGood(_) => {
+            format!(", from the last-known-good file at etcd revision {revision}")
+        }
+    };
+    if let crate::fleet::Origin::LastKnownGood(why) = &origin {
+        let lkg = config
+            .etcd
+            .as_ref()
+            .map(|s| s.last_known_good.display().to_string());
+        eprintln!(
+            "wsedge: warning: etcd cannot be used ({why}); serving the last-known-good configuration {} (revision {revision}) until it can",
+            lkg.unwrap_or_default()
+        );
     }
     if opts.test {
         build_router(&config, &Lasting::default())?;
         println!(
-            "wsedge: the configuration file {} syntax is ok ({} resources)",
+            "wsedge: the configuration file {} syntax is ok ({} resources{from})",
             opts.config.display(),
             config.resources.len()
         );
@@ -365,11 +403,14 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     server.bootstrap();
     let readiness = Readiness::of(&config, demo_addr);
     #[cfg(feature = "demo")]
-    let first = config.resources[0].name.clone();
-    let edge = Edge::build(config, &server.configuration)?.with_admin();
+    let first = config.resources.first().map(|r| r.name.clone());
+    let mut edge = Edge::build(config, &server.configuration)?.with_admin();
+    if let crate::fleet::Origin::LastKnownGood(why) = origin {
+        edge = edge.started_from_last_known_good(why);
+    }
     #[cfg(feature = "demo")]
-    if demo_addr.is_some() {
-        crate::demo::show_stats(edge.stats().resource(&first));
+    if let (Some(_), Some(first)) = (demo_addr, &first) {
+        crate::demo::show_stats(edge.stats().resource(first));
     }
     let access_log = edge.access_log().clone();
     let last_lines = access_log.clone();
@@ -394,7 +435,12 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 /// the port it got, for every server at that address).
 #[cfg(feature = "demo")]
 fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
-    let addr = config.resources[0].origin.servers[0].addr;
+    let Some(first) = config.resources.first() else {
+        return Err(RunError::NoSource(
+            "--demo needs a resource to serve: this configuration has none".into(),
+        ));
+    };
+    let addr = first.origin.servers[0].addr;
     let bound = crate::demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
     for r in &mut config.resources {
         for s in &mut Arc::make_mut(r).origin.servers {
@@ -409,7 +455,10 @@ fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
 
 #[cfg(not(feature = "demo"))]
 fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
-    let addr = config.resources[0].origin.servers[0].addr;
+    let addr = config
+        .resources
+        .first()
+        .map_or(crate::config::DEFAULT_ADMIN, |r| r.origin.servers[0].addr);
     Err(RunError::Demo {
         addr,
         source: std::io::Error::other("this wsedge was built without the `demo` feature"),
@@ -433,7 +482,10 @@ impl Readiness {
             wanted,
             http_count: config.listen.http.len(),
             demo,
-            host: config.resources[0].concrete_host(),
+            host: config
+                .resources
+                .first()
+                .map_or_else(|| "localhost".into(), |r| r.concrete_host()),
         }
     }
 

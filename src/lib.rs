@@ -36,13 +36,15 @@
 //! counted and logged), `policy` (whether a request may go on), `sites` (the resources as
 //! served: routing, origin groups, certificates), `streams` and `tunnel` (the relay after
 //! the 101), `request` (the header guard and the hooks), `ops` (reload, admin, background
-//! services) and `app` (putting it together). docs/design.md tells the same story.
+//! services), `fleet` (resources from etcd: the watch, the last-known-good file,
+//! `wsedge resource`) and `app` (putting it together). docs/design.md tells the same story.
 #![deny(missing_docs)]
 
 mod app;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+pub mod fleet;
 mod observe;
 mod ops;
 mod os;
@@ -54,6 +56,7 @@ mod syntax;
 mod tunnel;
 
 pub use app::{init_logging, run, server_conf, Edge, Options, RunError};
+pub use config::store::{EtcdSettings, Snapshot};
 pub use config::{Config, ConfigError, Resource};
 pub use observe::access_log::AccessLog;
 pub use observe::labels::{CloseReason, HandshakeOutcome};

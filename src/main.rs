@@ -1,6 +1,6 @@
 //! `wsedge -c FILE`: thin on purpose; all the work is in the library.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,7 +9,12 @@ use std::process::ExitCode;
 #[command(version, about)]
 struct Args {
     /// The configuration file.
-    #[arg(short = 'c', long = "conf", default_value = "/etc/wsedge/wsedge.yaml")]
+    #[arg(
+        short = 'c',
+        long = "conf",
+        default_value = "/etc/wsedge/wsedge.yaml",
+        global = true
+    )]
     conf: PathBuf,
     /// Check the configuration file and exit: 0 if valid, 1 if not.
     #[arg(short = 't', long)]
@@ -23,11 +28,74 @@ struct Args {
     /// Also start the built-in demo origin at the first resource's first server address.
     #[arg(long)]
     demo: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Change the resources in etcd (`source.etcd`), checked like `-t` before any edge sees
+    /// them; the store is the one of the configuration file (-c), or --etcd.
+    Resource {
+        /// An etcd endpoint instead of the file's (repeat for more members).
+        #[arg(long = "etcd", value_name = "URL")]
+        etcd: Vec<String>,
+        /// The key prefix instead of the file's (default /wsedge/).
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(subcommand)]
+        action: ResourceAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ResourceAction {
+    /// Create or replace the resource in FILE (one entry of `resources:`, with its name).
+    Put { file: PathBuf },
+    /// Print a resource as stored.
+    Get { name: String },
+    /// Remove a resource.
+    Delete { name: String },
+    /// List the resources.
+    List,
+    /// Show what `put FILE` would change, and whether it would be accepted.
+    Diff { file: PathBuf },
 }
 
 fn main() -> ExitCode {
     let log = wsedge::init_logging();
     let args = Args::parse();
+    if let Some(Command::Resource {
+        etcd,
+        prefix,
+        action,
+    }) = args.command
+    {
+        use wsedge::fleet::cli::{self, Action, Target};
+        let target = Target {
+            config: Some(args.conf),
+            endpoints: etcd,
+            prefix,
+        };
+        let action = match action {
+            ResourceAction::Put { file } => Action::Put(file),
+            ResourceAction::Get { name } => Action::Get(name),
+            ResourceAction::Delete { name } => Action::Delete(name),
+            ResourceAction::List => Action::List,
+            ResourceAction::Diff { file } => Action::Diff(file),
+        };
+        log.flush(std::time::Duration::from_secs(1));
+        return match cli::run(&target, action) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsedge resource: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = wsedge::run(wsedge::Options {
         config: args.conf,
         test: args.test,

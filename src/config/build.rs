@@ -5,8 +5,10 @@
 
 use super::errors::{from_serde, locate, ConfigError};
 use super::file::{
-    FileConfig, RateFile, ResourceFile, ResourceType, Switch, TlsFile, WebSocketFile,
+    EtcdFile, FileConfig, RateFile, ResourceFile, ResourceType, SourceFile, Switch, TlsFile,
+    WebSocketFile,
 };
+use super::store::{EtcdSettings, EtcdTls, Secret, Snapshot};
 use super::{
     AccessLogTarget, Admin, Certificate, ClientLimits, Config, DrainSettings, HealthCheck,
     Heartbeat, Listen, Origin, OriginCa, Rate, Resource, Server, WebSocket,
@@ -22,20 +24,75 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEALTH_STREAK: u32 = 2;
 
 /// Parses and builds the configuration in `text`; `path` names it in errors and is the
-/// folder relative paths start from.
-pub(super) fn build(path: &Path, text: &str) -> Result<Config, ConfigError> {
+/// folder relative paths start from. A file with `source.etcd` takes its resources and
+/// defaults from `store` (what etcd holds), joined into it and checked as one.
+pub(super) fn build(
+    path: &Path,
+    text: &str,
+    store: Option<&Snapshot>,
+) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let parsed: FileConfig = serde_yaml::from_str(text).map_err(|e| from_serde(&file, text, &e))?;
-    Builder {
-        file,
+    let builder = |text| Builder {
+        file: file.clone(),
         text,
         base: path.parent().unwrap_or(Path::new(".")),
         warnings: Vec::new(),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
+        from_store: false,
+    };
+    let Some(source) = &parsed.source else {
+        return builder(text).config(path, parsed);
+    };
+    let local = builder(text);
+    let etcd = local.etcd(source)?;
+    local.no_local_resources(&parsed)?;
+    let Some(store) = store else {
+        return Err(local.invalid(
+            None,
+            "source.etcd".into(),
+            "etcd",
+            0,
+            "this configuration takes its resources from etcd, which was not read: start it with the wsedge binary or wsedge::fleet::load".into(),
+        ));
+    };
+    let joined = super::store::join(text, &etcd.prefix, store)?;
+    let parsed: FileConfig = serde_yaml::from_str(&joined.text)
+        .map_err(|e| joined.place(from_serde(&file, &joined.text, &e)))?;
+    let mut b = builder(&joined.text);
+    b.from_store = true;
+    for k in &joined.foreign {
+        b.warnings.push(format!(
+            "etcd {k}: not a key of wsedge's (defaults, resources/<name>); left alone"
+        ));
     }
-    .config(path, parsed)
+    let mut config = b.config(path, parsed).map_err(|e| joined.place(e))?;
+    config.text = text.into();
+    config.etcd = Some(etcd);
+    config.store = Some(Arc::new(store.clone()));
+    Ok(config)
+}
+
+/// `source.etcd` of the file in `text`, if it has one.
+pub(super) fn etcd_of(path: &Path, text: &str) -> Result<Option<EtcdSettings>, ConfigError> {
+    let file = path.display().to_string();
+    let parsed: FileConfig = serde_yaml::from_str(text).map_err(|e| from_serde(&file, text, &e))?;
+    let Some(source) = &parsed.source else {
+        return Ok(None);
+    };
+    let b = Builder {
+        file,
+        text,
+        base: path.parent().unwrap_or(Path::new(".")),
+        warnings: Vec::new(),
+        now: 0,
+        from_store: false,
+    };
+    let settings = b.etcd(source)?;
+    b.no_local_resources(&parsed)?;
+    Ok(Some(settings))
 }
 
 /// What building one file needs: where it is (for errors and relative paths) and the
@@ -46,6 +103,8 @@ struct Builder<'a> {
     base: &'a Path,
     warnings: Vec<String>,
     now: i64,
+    /// The resources come from etcd (where none at all is a fleet not yet filled).
+    from_store: bool,
 }
 
 impl Builder<'_> {
@@ -109,7 +168,121 @@ impl Builder<'_> {
             resources,
             default_certificate,
             warnings: self.warnings,
+            etcd: None,
+            store: None,
         })
+    }
+
+    /// `source.etcd`: endpoints, TLS files (read when connecting), the user's password
+    /// (read now, so a missing file is an error of the configuration).
+    fn etcd(&self, source: &SourceFile) -> Result<EtcdSettings, ConfigError> {
+        let e: &EtcdFile = &source.etcd;
+        if e.endpoints.is_empty() {
+            return Err(self.invalid(
+                None,
+                "source.etcd.endpoints".into(),
+                "endpoints",
+                0,
+                "no etcd endpoint: list the members, like [\"http://10.0.0.9:2379\"]".into(),
+            ));
+        }
+        let file = |p: &Option<String>| p.as_deref().map(|p| relative_to(self.base, p));
+        let tls = match &e.tls {
+            None => None,
+            Some(t) => {
+                let identity = match (file(&t.certificate), file(&t.private_key)) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    _ => {
+                        return Err(self.invalid(
+                            None,
+                            "source.etcd.tls".into(),
+                            "tls",
+                            0,
+                            "a client certificate needs both `certificate` and `private_key`"
+                                .into(),
+                        ))
+                    }
+                };
+                Some(EtcdTls {
+                    ca_file: file(&t.ca_file),
+                    identity,
+                })
+            }
+        };
+        if tls.is_some() && e.endpoints.iter().any(|u| u.0.starts_with("http://")) {
+            return Err(self.invalid(
+                None,
+                "source.etcd.endpoints".into(),
+                "http://",
+                0,
+                "with `tls`, every endpoint is https://".into(),
+            ));
+        }
+        let user = match (&e.user, &e.password_file) {
+            (None, None) => None,
+            (Some(u), Some(p)) => {
+                let path = relative_to(self.base, p);
+                let password = super::read_text(&path)
+                    .map(|t| t.lines().next().unwrap_or("").to_string())
+                    .map_err(|why| {
+                        self.invalid(
+                            None,
+                            "source.etcd.password_file".into(),
+                            p,
+                            0,
+                            format!("cannot read {}: {why}", path.display()),
+                        )
+                    })?;
+                Some((u.clone(), Secret(password)))
+            }
+            _ => {
+                return Err(self.invalid(
+                    None,
+                    "source.etcd.user".into(),
+                    "etcd",
+                    0,
+                    "etcd's authentication needs both `user` and `password_file`".into(),
+                ))
+            }
+        };
+        Ok(EtcdSettings {
+            endpoints: e.endpoints.iter().map(|u| u.0.clone()).collect(),
+            prefix: e
+                .prefix
+                .as_ref()
+                .map_or_else(|| "/wsedge/".to_string(), |p| p.0.clone()),
+            tls,
+            user,
+            last_known_good: relative_to(
+                self.base,
+                e.last_known_good
+                    .as_deref()
+                    .unwrap_or(super::store::DEFAULT_LAST_KNOWN_GOOD),
+            ),
+            timeout: e
+                .timeout
+                .as_ref()
+                .map_or(super::store::DEFAULT_ETCD_TIMEOUT, |t| t.0),
+        })
+    }
+
+    /// With `source.etcd`, resources and defaults are etcd's only: the same keys in the
+    /// local file would be ignored, so they are an error.
+    fn no_local_resources(&self, f: &FileConfig) -> Result<(), ConfigError> {
+        let top: serde_yaml::Value = serde_yaml::from_str(self.text).unwrap_or_default();
+        for key in ["resources", "defaults"] {
+            if top.get(key).is_some() || (key == "resources" && !f.resources.is_empty()) {
+                return Err(self.invalid(
+                    None,
+                    key.into(),
+                    &format!("{key}:"),
+                    0,
+                    format!("with `source.etcd`, {key} come from etcd ({{prefix}}{}); remove this section from the local file", if key == "resources" { "resources/<name>" } else { "defaults" }),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn listen(&self, f: &FileConfig) -> Result<Listen, ConfigError> {
@@ -216,7 +389,7 @@ impl Builder<'_> {
 
     /// Every resource, with names and hostnames unique across them.
     fn resources(&mut self, f: &FileConfig) -> Result<Vec<Arc<Resource>>, ConfigError> {
-        if f.resources.is_empty() {
+        if f.resources.is_empty() && !self.from_store {
             return Err(self.invalid(
                 None,
                 "resources".into(),

@@ -158,7 +158,9 @@ fn resource_span(text: &str, i: usize) -> Option<(usize, usize)> {
             end = n;
             break;
         }
-        if trimmed.starts_with("- ") && indent.is_none_or(|i| i == own) {
+        // `- name: x`, or `-` alone with the entry below it (as etcd's values are joined).
+        let item = trimmed.starts_with("- ") || trimmed == "-";
+        if item && indent.is_none_or(|i| i == own) {
             indent = Some(own);
             items.push(n);
         }

@@ -36,7 +36,46 @@ pub struct FileConfig {
     /// How open tunnels are told to go at shutdown, upgrade and `POST /drain`.
     #[serde(default)]
     pub drain: DrainFile,
+    /// Where resources and defaults come from when not from this file.
+    #[serde(default)]
+    pub source: Option<SourceFile>,
+    #[serde(default)]
     pub resources: Vec<ResourceFile>,
+}
+
+/// `source: { etcd: {...} }`: resources and defaults from a configuration store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    pub etcd: EtcdFile,
+}
+
+/// `source.etcd`: where the store is and how to reach it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<EtcdEndpoint>,
+    /// The keys' common prefix (default `/wsedge/`).
+    pub prefix: Option<EtcdPrefix>,
+    /// Client TLS towards etcd (https endpoints).
+    pub tls: Option<EtcdTlsFile>,
+    /// etcd's user, with `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<String>,
+    /// Where the configuration last applied is kept for a start without etcd.
+    pub last_known_good: Option<String>,
+    /// Each request to etcd (and a start's first read) gets this long (default 5s).
+    pub timeout: Option<DurationStr>,
+}
+
+/// `source.etcd.tls`: the CA that signs etcd's certificate, and a client certificate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsFile {
+    pub ca_file: Option<String>,
+    pub certificate: Option<String>,
+    pub private_key: Option<String>,
 }
 
 /// `drain: { spread: 30s, close_code: 1001 }`
@@ -553,6 +592,41 @@ parsed_string!(
     Name(String) = parse_name
 );
 parsed_string!(
+    /// An etcd member's URL: `http://host:port` or `https://host:port`.
+    EtcdEndpoint(String) = parse_etcd_endpoint
+);
+parsed_string!(
+    /// The prefix of wsedge's keys in etcd: starts and ends with `/`.
+    EtcdPrefix(String) = parse_etcd_prefix
+);
+
+pub(crate) fn parse_etcd_endpoint(s: &str) -> Result<String, String> {
+    let help =
+        "write an etcd member's URL like http://10.0.0.9:2379 or https://etcd-1.internal:2379";
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("invalid etcd endpoint \"{s}\": {help}"))?;
+    parse_host_port(rest.trim_end_matches('/'))
+        .map(|_| s.trim_end_matches('/').to_string())
+        .map_err(|_| format!("invalid etcd endpoint \"{s}\": {help}"))
+}
+
+pub(crate) fn parse_etcd_prefix(s: &str) -> Result<String, String> {
+    let ok = s.len() >= 2
+        && s.len() <= 256
+        && s.starts_with('/')
+        && s.ends_with('/')
+        && s.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid etcd prefix \"{s}\": write a key prefix that starts and ends with '/', like /wsedge/ or /cdn/edge-eu/"
+        ))
+    }
+}
+parsed_string!(
     /// A hostname or a `*.` wildcard, lower-cased.
     Hostname(String) = parse_hostname
 );
@@ -673,7 +747,7 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-fn parse_name(s: &str) -> Result<String, String> {
+pub(crate) fn parse_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');

@@ -7,6 +7,7 @@ mod build;
 mod errors;
 mod file;
 mod pem;
+pub mod store;
 
 pub use errors::ConfigError;
 pub use file::{Balance, OriginProtocol, ResourceType};
@@ -60,6 +61,10 @@ pub struct Config {
     pub default_certificate: Option<Certificate>,
     /// Things that work but deserve a look (an expired certificate, say).
     pub warnings: Vec<String>,
+    /// `source.etcd`: resources and defaults come from etcd.
+    pub etcd: Option<store::EtcdSettings>,
+    /// What etcd held when this configuration was built from it.
+    pub store: Option<Arc<store::Snapshot>>,
 }
 
 /// The admin listener and what it accepts.
@@ -269,17 +274,47 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        Self::load_with(path, None)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
+        build::build(path.as_ref(), text, None)
+    }
+
+    /// Reads the file and builds it with what etcd holds (`source.etcd`), checked as one
+    /// configuration exactly like a file; without `source.etcd` the store is not used.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        store: Option<&store::Snapshot>,
+    ) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = read_text(path).map_err(|source| ConfigError::Read {
             file: path.display().to_string(),
             source: explain_read_error(path, source),
         })?;
-        Self::from_yaml(path, &text)
+        Self::from_parts(path, &text, store)
     }
 
-    /// Parses and validates configuration text; `path` is only used in messages.
-    pub fn from_yaml(path: impl AsRef<Path>, text: &str) -> Result<Config, ConfigError> {
-        build::build(path.as_ref(), text)
+    /// [`Config::from_yaml`] with what etcd holds.
+    pub fn from_parts(
+        path: impl AsRef<Path>,
+        text: &str,
+        store: Option<&store::Snapshot>,
+    ) -> Result<Config, ConfigError> {
+        build::build(path.as_ref(), text, store)
+    }
+
+    /// `source.etcd` of the file at `path`, if it has one (the rest is not checked here).
+    pub fn etcd_settings(
+        path: impl AsRef<Path>,
+    ) -> Result<Option<store::EtcdSettings>, ConfigError> {
+        let path = path.as_ref();
+        let text = read_text(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source: explain_read_error(path, source),
+        })?;
+        build::etcd_of(path, &text)
     }
 }
 

@@ -30,6 +30,9 @@ struct Families {
     http_responses: IntCounterVec,
     reloads: IntCounterVec,
     access_log_dropped: IntCounter,
+    config_revision: IntGauge,
+    config_applied: IntGauge,
+    config_source_up: IntGauge,
 }
 
 impl Families {
@@ -59,7 +62,24 @@ impl Families {
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(super::access_log::error_log_dropped().clone()))?;
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         Ok(Families {
+            config_revision: gauge(
+                "wsedge_config_revision",
+                "The etcd revision of the configuration being served (0 without etcd).",
+            )?,
+            config_applied: gauge(
+                "wsedge_config_applied_timestamp_seconds",
+                "When the configuration being served was applied (Unix time).",
+            )?,
+            config_source_up: gauge(
+                "wsedge_config_source_up",
+                "1 while the edge is connected to etcd and watching it, 0 when not (always 1 without etcd).",
+            )?,
             access_log_dropped,
             handshakes: counter(
                 "wsedge_ws_handshakes_total",
@@ -338,6 +358,18 @@ impl EdgeStats {
     /// `wsedge_access_log_dropped_total`, for the access log to count into.
     pub fn access_log_dropped(&self) -> IntCounter {
         self.families.access_log_dropped.clone()
+    }
+
+    /// The configuration being served was applied now, at etcd `revision` (0: a file).
+    pub fn config_applied(&self, revision: i64, at: SystemTime) {
+        self.families.config_revision.set(revision);
+        let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        self.families.config_applied.set(secs as i64);
+    }
+
+    /// Whether the configuration's source (etcd) is connected and watched.
+    pub fn config_source_up(&self, up: bool) {
+        self.families.config_source_up.set(i64::from(up));
     }
 
     /// Counts a reload attempt.

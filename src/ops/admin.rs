@@ -79,6 +79,23 @@ impl Admin {
                 );
             }
         }
+        let source = self.reloader.source();
+        let _ = write!(
+            b,
+            "\"config\":{{\"source\":\"{}\",\"revision\":{},\"applied_at\":",
+            source.kind, source.revision
+        );
+        json_str(&mut b, &rfc3339(source.applied_at));
+        let _ = write!(
+            b,
+            ",\"source_up\":{},\"last_known_good\":{},\"error\":",
+            source.up, source.last_known_good
+        );
+        match &source.error {
+            None => b.push_str("null"),
+            Some(e) => json_str(&mut b, e),
+        }
+        b.push_str("},");
         b.push_str("\"last_reload\":");
         match self.reloader.last() {
             None => b.push_str("null"),

@@ -8,6 +8,7 @@ mod answers;
 mod config;
 mod demo;
 mod drain;
+mod fleet;
 mod fresh_tunnels;
 mod h2ws;
 mod handshake_props;

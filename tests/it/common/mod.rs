@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod edge;
+pub mod etcd;
 pub mod h2ws;
 pub mod origin;
 pub mod pki;
@@ -12,6 +13,7 @@ pub mod raw;
 pub mod wire;
 
 pub use edge::*;
+pub use etcd::*;
 pub use h2ws::*;
 pub use origin::*;
 pub use pki::*;

@@ -1,0 +1,647 @@
+//! 17 (etcd): edges take their resources and defaults from a real etcd on loopback, apply
+//! every change with the reload's swap (open tunnels carry on), refuse a change that does
+//! not validate with its key and line, keep a last-known-good file to start from while
+//! etcd is away, resume their watch after a cut and read everything again past a
+//! compaction; `wsedge resource` checks a change before writing it with a
+//! compare-and-swap.
+
+use crate::common::*;
+use etcd_client::{Client, CompactionOptions};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const PREFIX: &str = "/wsedge/";
+
+/// An edge's local file: a listener, an admin listener, etcd at `endpoint`.
+fn local(endpoint: &str, lkg: &Path, extra: &str) -> String {
+    with_admin(&format!(
+        "listen: {{ http: [\"127.0.0.1:0\"] }}\naccess_log: off\n{extra}source:\n  etcd:\n    endpoints: [\"{endpoint}\"]\n    prefix: {PREFIX}\n    timeout: 2s\n    last_known_good: {}\n",
+        lkg.display()
+    ))
+}
+
+/// A resource's value as stored in etcd.
+fn resource(name: &str, hosts: &[&str], origin: SocketAddr, idle: &str) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "name: {name}\nhostnames: [{}]\norigin:\n  servers: [{{ address: \"{origin}\" }}]\nwebsocket:\n  idle_timeout: {idle}\n",
+        hosts.join(", ")
+    )
+}
+
+async fn put(client: &mut Client, key: &str, value: impl Into<Vec<u8>>) -> i64 {
+    let resp = within(
+        "etcd put",
+        client.put(format!("{PREFIX}{key}"), value, None),
+    )
+    .await
+    .unwrap();
+    resp.header().unwrap().revision()
+}
+
+/// Starts an edge on the local file written at `dir/wsedge.yaml`.
+fn start_edge(dir: &Path, text: &str) -> Edge {
+    let path = dir.join("wsedge.yaml");
+    std::fs::write(&path, text).unwrap();
+    Edge::start_file(&path, dir.to_path_buf(), &[])
+}
+
+/// The status of an upgrade for `host` through `edge`.
+async fn upgrade_status(edge: &Edge, host: &str) -> u16 {
+    let req = upgrade_request("/ws", "").replace("Host: localhost", &format!("Host: {host}"));
+    status(&raw_request(edge.addr, &req).await)
+}
+
+/// Waits (at most `limit`) until an upgrade for `host` gets `want`; how long it took.
+async fn until_upgrade(edge: &Edge, host: &str, want: u16, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if upgrade_status(edge, host).await == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{host} never got {want}; log:\n{}",
+            edge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `/healthz` as JSON.
+async fn healthz(edge: &Edge) -> serde_yaml::Value {
+    let (code, body) = edge.admin_request("GET", "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    serde_yaml::from_str(&body).unwrap()
+}
+
+/// Waits (bounded) until `/healthz` satisfies `pred`; returns it.
+async fn until_healthz(
+    edge: &Edge,
+    pred: impl Fn(&serde_yaml::Value) -> bool,
+) -> serde_yaml::Value {
+    let started = Instant::now();
+    loop {
+        let h = healthz(edge).await;
+        if pred(&h) {
+            return h;
+        }
+        assert!(
+            started.elapsed() < STEP,
+            "healthz never matched: {h:?}\nlog:\n{}",
+            edge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn echo(ws: &mut Ws, text: &str) {
+    within("send", ws.send(Message::text(text.to_string())))
+        .await
+        .unwrap();
+    match within("echo", ws.next()).await {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), text),
+        other => panic!("want {text}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_etcd_reaches_two_edges_and_open_tunnels_carry_on() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    put(
+        &mut client,
+        "defaults",
+        "websocket:\n  handshake_timeout: 2s\n",
+    )
+    .await;
+
+    // Two edges; the second runs four worker threads and still holds one watch.
+    let (d1, d2) = (scratch_dir("fleet-1"), scratch_dir("fleet-2"));
+    let e1 = start_edge(&d1, &local(&etcd.url, &d1.join("lkg.yaml"), ""));
+    let e2 = start_edge(
+        &d2,
+        &local(&etcd.url, &d2.join("lkg.yaml"), "pingora: { threads: 4 }\n"),
+    );
+    let mut tunnels = Vec::new();
+    for e in [&e1, &e2] {
+        assert_eq!(upgrade_status(e, "a.test").await, 101);
+        assert_eq!(upgrade_status(e, "b.test").await, 404);
+        let mut req = format!("ws://{}/ws", e.addr).into_client_request().unwrap();
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("a.test"));
+        let (ws, _) = within("open a tunnel", tokio_tungstenite::connect_async(req))
+            .await
+            .unwrap();
+        tunnels.push(ws);
+    }
+    for ws in &mut tunnels {
+        echo(ws, "before").await;
+    }
+
+    // One change: the resource gains a hostname and a shorter idle timeout.
+    let changed = Instant::now();
+    let revision = put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "b.test"], origin.addr, "20s"),
+    )
+    .await;
+    let mut took = Vec::new();
+    for e in [&e1, &e2] {
+        until_upgrade(e, "b.test", 101, STEP).await;
+        took.push(changed.elapsed());
+        let h = until_healthz(e, |h| h["config"]["revision"].as_i64() == Some(revision)).await;
+        assert_eq!(h["config"]["source"].as_str(), Some("etcd"));
+        assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
+        let (_, metrics) = e.admin_request("GET", "/metrics").await;
+        assert_eq!(
+            metric(&metrics, "wsedge_config_revision"),
+            Some(revision as f64)
+        );
+        assert_eq!(metric(&metrics, "wsedge_config_source_up"), Some(1.0));
+    }
+    println!("applied on both edges {:?} after the put", took);
+    // The tunnels opened before the change carry on.
+    for ws in &mut tunnels {
+        echo(ws, "after").await;
+    }
+    // One watch per process, whatever the threads: etcd counts two streams for two edges.
+    let metrics = reqwest_metrics(etcd.addr).await;
+    assert_eq!(
+        metric(&metrics, "etcd_debugging_mvcc_watch_stream_total"),
+        Some(2.0),
+        "watch streams on etcd"
+    );
+    // Each edge keeps what it applied.
+    for d in [&d1, &d2] {
+        let lkg = std::fs::read_to_string(d.join("lkg.yaml")).unwrap();
+        assert!(lkg.contains(&format!("revision: {revision}")), "{lkg}");
+        assert!(lkg.contains("b.test"), "{lkg}");
+    }
+    // A resource deleted from etcd is gone from every edge.
+    within(
+        "delete",
+        client.delete(format!("{PREFIX}resources/chat"), None),
+    )
+    .await
+    .unwrap();
+    for e in [&e1, &e2] {
+        until_upgrade(e, "a.test", 404, STEP).await;
+    }
+}
+
+/// etcd's own metrics page.
+async fn reqwest_metrics(addr: SocketAddr) -> String {
+    let answer = raw_request(
+        addr,
+        &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_does_not_validate_is_refused_at_its_key_and_line_and_the_edge_serves_on() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    let good = resource("chat", &["a.test"], origin.addr, "30s");
+    let mut serving = put(&mut client, "resources/chat", good.clone()).await;
+    let dir = scratch_dir("fleet-bad");
+    let edge = start_edge(&dir, &local(&etcd.url, &dir.join("lkg.yaml"), ""));
+    assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+
+    let other = resource("other", &["o.test"], origin.addr, "30s");
+    let huge = format!("{good}# {}\n", "x".repeat(300 * 1024));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        // A bad duration on line 6 of the value.
+        (
+            "resources/chat",
+            good.replace("30s", "5q").into(),
+            "etcd /wsedge/resources/chat:6:",
+        ),
+        // An unknown key.
+        (
+            "resources/chat",
+            format!("{good}  nope: 1\n").into(),
+            "unknown field `nope`",
+        ),
+        // A hostname another resource has: the whole configuration is checked.
+        (
+            "resources/other",
+            other.replace("o.test", "a.test").into(),
+            "already belongs to resource",
+        ),
+        // The value's name is not its key's.
+        (
+            "resources/other",
+            good.clone().into(),
+            "its key says \"other\"",
+        ),
+        // A name that is not one, in the key.
+        (
+            "resources/UPPER",
+            good.clone().into(),
+            "etcd /wsedge/resources/UPPER",
+        ),
+        // Not text.
+        ("resources/chat", vec![0xff, 0xfe, b'\n'], "not UTF-8"),
+        // Two documents.
+        (
+            "resources/chat",
+            format!("{good}---\nname: x\n").into(),
+            "one YAML document",
+        ),
+        // An alias to nothing (values cannot share anchors).
+        (
+            "resources/chat",
+            good.replace("[\"a.test\"]", "*hosts").into(),
+            "etcd /wsedge/resources/chat:2:",
+        ),
+        // Too large.
+        ("resources/chat", huge.into(), "at most 256 KiB"),
+        // Defaults with a bad value.
+        (
+            "defaults",
+            b"websocket: { idle_timeout: -1s }\n".to_vec(),
+            "etcd /wsedge/defaults:1:",
+        ),
+        // YAML that is not a mapping.
+        ("defaults", b"[1, 2, 3]\n".to_vec(), "etcd /wsedge/defaults"),
+    ];
+    for (key, value, want) in cases {
+        let revision = put(&mut client, key, value).await;
+        let h = until_healthz(&edge, |h| {
+            h["last_reload"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("etcd revision {revision} refused")))
+        })
+        .await;
+        let message = h["last_reload"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{key}: want {want:?} in {message}");
+        assert_eq!(h["last_reload"]["ok"].as_bool(), Some(false));
+        // Still serving the configuration before.
+        assert_eq!(h["config"]["revision"].as_i64(), Some(serving), "{message}");
+        assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+        // Put it right again (the keys this case touched).
+        within("delete", client.delete(format!("{PREFIX}{key}"), None))
+            .await
+            .unwrap();
+        serving = put(&mut client, "resources/chat", good.clone()).await;
+        until_healthz(&edge, |h| h["config"]["revision"].as_i64() == Some(serving)).await;
+    }
+    let (_, metrics) = edge.admin_request("GET", "/metrics").await;
+    assert!(metric(&metrics, "wsedge_config_reloads_total{result=\"failed\"}").unwrap() >= 11.0);
+    // A good change after all that is applied.
+    let revision = put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "c.test"], origin.addr, "30s"),
+    )
+    .await;
+    until_upgrade(&edge, "c.test", 101, STEP).await;
+    let h = until_healthz(&edge, |h| {
+        h["config"]["revision"].as_i64() == Some(revision)
+    })
+    .await;
+    assert_eq!(h["last_reload"]["ok"].as_bool(), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_catches_up() {
+    let mut etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    let dir = scratch_dir("fleet-lkg");
+    // Outside the edges' directories (each is removed with its edge), as a volume is.
+    let state = scratch_dir("fleet-lkg-state");
+    let lkg = state.join("var/lkg.yaml");
+    let text = local(&etcd.url, &lkg, "");
+    {
+        let edge = start_edge(&dir, &text);
+        assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+        let end = Instant::now() + STEP;
+        while !lkg.exists() {
+            assert!(Instant::now() < end, "no last-known-good file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    etcd.stop();
+    drop(client);
+
+    // etcd is down: the edge starts from the file, and says so.
+    let dir2 = scratch_dir("fleet-lkg-2");
+    let edge = start_edge(&dir2, &text);
+    assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+    let h = healthz(&edge).await;
+    assert_eq!(
+        h["config"]["last_known_good"].as_bool(),
+        Some(true),
+        "{h:?}"
+    );
+    assert_eq!(h["config"]["source_up"].as_bool(), Some(false));
+    assert!(h["config"]["error"].as_str().is_some());
+    let (_, metrics) = edge.admin_request("GET", "/metrics").await;
+    assert_eq!(metric(&metrics, "wsedge_config_source_up"), Some(0.0));
+    assert!(edge
+        .log_text()
+        .contains("serving the last-known-good configuration"));
+
+    // `-t` says the same, and without the file neither starts.
+    let out = Command::new(wsedge_bin())
+        .args(["-t", "-c"])
+        .arg(dir2.join("wsedge.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from the last-known-good file"));
+    let none = dir2.join("none.yaml");
+    std::fs::write(&none, local(&etcd.url, &dir2.join("missing/lkg.yaml"), "")).unwrap();
+    let out = Command::new(wsedge_bin())
+        .arg("-c")
+        .arg(&none)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot start") && err.contains("no last-known-good configuration"),
+        "{err}"
+    );
+
+    // etcd returns with a change made meanwhile: the edge catches up.
+    etcd.restart();
+    let mut client = etcd.client().await;
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
+    )
+    .await;
+    until_upgrade(&edge, "b.test", 101, STEP).await;
+    let h = until_healthz(&edge, |h| h["config"]["source_up"].as_bool() == Some(true)).await;
+    assert_eq!(h["config"]["last_known_good"].as_bool(), Some(false));
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_resumes_after_a_cut_and_reads_everything_again_past_a_compaction() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    put(
+        &mut client,
+        "resources/a",
+        resource("a", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    let relay = Relay::start(etcd.addr).await;
+    let dir = scratch_dir("fleet-cut");
+    let edge = start_edge(
+        &dir,
+        &local(&format!("http://{}", relay.addr), &dir.join("lkg.yaml"), ""),
+    );
+    assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+
+    // Cut: a change made meanwhile arrives after the relay is back, from the revision the
+    // edge had.
+    relay.cut();
+    until_healthz(&edge, |h| h["config"]["source_up"].as_bool() == Some(false)).await;
+    put(
+        &mut client,
+        "resources/b",
+        resource("b", &["b.test"], origin.addr, "30s"),
+    )
+    .await;
+    relay.restore();
+    until_upgrade(&edge, "b.test", 101, Duration::from_secs(30)).await;
+    edge.wait_log(&["watching"]);
+
+    // Cut again; changes, then a compaction past them: the edge's revision is gone, so it
+    // reads everything again.
+    relay.cut();
+    until_healthz(&edge, |h| h["config"]["source_up"].as_bool() == Some(false)).await;
+    put(
+        &mut client,
+        "resources/c",
+        resource("c", &["c.test"], origin.addr, "30s"),
+    )
+    .await;
+    within(
+        "delete",
+        client.delete(format!("{PREFIX}resources/a"), None),
+    )
+    .await
+    .unwrap();
+    let last = put(
+        &mut client,
+        "resources/d",
+        resource("d", &["d.test"], origin.addr, "30s"),
+    )
+    .await;
+    within(
+        "compact",
+        client.compact(last, Some(CompactionOptions::new().with_physical())),
+    )
+    .await
+    .unwrap();
+    relay.restore();
+    until_upgrade(&edge, "d.test", 101, Duration::from_secs(30)).await;
+    assert_eq!(upgrade_status(&edge, "c.test").await, 101);
+    assert_eq!(upgrade_status(&edge, "a.test").await, 404);
+    let log = edge.wait_log(&["compacted"]);
+    assert!(log.contains("compacted"), "{log}");
+    let h = until_healthz(&edge, |h| h["config"]["revision"].as_i64() == Some(last)).await;
+    assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
+}
+
+/// Runs `wsedge resource ...` with the edge's file `conf`.
+fn resource_cmd(conf: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(wsedge_bin())
+        .arg("resource")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wsedge_resource_checks_a_change_before_writing_it_with_a_compare_and_swap() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    let dir = scratch_dir("fleet-cli");
+    let conf = dir.join("wsedge.yaml");
+    std::fs::write(&conf, local(&etcd.url, &dir.join("lkg.yaml"), "")).unwrap();
+    let file = |name: &str, text: &str| -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let chat = file(
+        "chat.yaml",
+        &resource("chat", &["a.test"], origin.addr, "30s"),
+    );
+    let chat_s = chat.to_str().unwrap();
+
+    let (ok, out, err) = resource_cmd(&conf, &["put", chat_s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("/wsedge/resources/chat: written at revision"),
+        "{out}"
+    );
+    let (ok, out, _) = resource_cmd(&conf, &["list"]);
+    assert!(ok && out.contains("chat"), "{out}");
+    let (ok, out, _) = resource_cmd(&conf, &["get", "chat"]);
+    assert!(ok && out.contains("a.test"), "{out}");
+
+    // A bad change is refused before etcd sees it, placed in the operator's file.
+    let bad = file(
+        "bad.yaml",
+        &resource("chat", &["a.test"], origin.addr, "5q"),
+    );
+    let before = client
+        .get(PREFIX, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let (ok, _, err) = resource_cmd(&conf, &["put", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad.yaml:6:") && err.contains("idle_timeout"),
+        "{err}"
+    );
+    let (_, out, _) = resource_cmd(&conf, &["diff", bad.to_str().unwrap()]);
+    assert!(
+        out.contains("-   idle_timeout: 30s") && out.contains("+   idle_timeout: 5q"),
+        "{out}"
+    );
+    assert!(out.contains("it would be refused"), "{out}");
+    // So is a hostname another resource has (the whole configuration is checked), and a
+    // file without a name.
+    let other = file(
+        "other.yaml",
+        &resource("other", &["a.test"], origin.addr, "30s"),
+    );
+    let (ok, _, err) = resource_cmd(&conf, &["put", other.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("already belongs to resource \"chat\""),
+        "{err}"
+    );
+    let nameless = file("nameless.yaml", "hostnames: [x.test]\n");
+    let (ok, _, err) = resource_cmd(&conf, &["put", nameless.to_str().unwrap()]);
+    assert!(!ok && err.contains("no `name`"), "{err}");
+    let after = client
+        .get(PREFIX, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(before, after, "a refused change wrote nothing");
+
+    // Two operators: a write checked against an older revision is refused.
+    let settings = wsedge::Config::etcd_settings(&conf).unwrap().unwrap();
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "z.test"], origin.addr, "30s"),
+    )
+    .await;
+    let op = etcd_client::TxnOp::put(format!("{PREFIX}resources/chat"), "name: chat\n", None);
+    let refused = wsedge::fleet::cli::write_if_unchanged(&mut client, &settings, before, op).await;
+    assert!(refused.unwrap_err().contains("changed since revision"));
+    let value = client
+        .get(format!("{PREFIX}resources/chat"), None)
+        .await
+        .unwrap();
+    assert!(value.kvs()[0].value_str().unwrap().contains("z.test"));
+
+    // --etcd and --prefix are checked; delete removes.
+    let (ok, _, err) = resource_cmd(&conf, &["--etcd", "ftp://x", "list"]);
+    assert!(!ok && err.contains("invalid etcd endpoint"), "{err}");
+    let (ok, _, err) = resource_cmd(&conf, &["--prefix", "nope", "list"]);
+    assert!(!ok && err.contains("invalid etcd prefix"), "{err}");
+    let (ok, out, err) = resource_cmd(&conf, &["delete", "chat"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    let (ok, _, err) = resource_cmd(&conf, &["get", "chat"]);
+    assert!(!ok && err.contains("no resource chat"), "{err}");
+}
+
+#[test]
+fn the_local_file_of_an_etcd_edge_is_checked_like_any_file() {
+    let cases = [
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"] } }\nresources:\n  - { name: a, hostnames: [a.test], origin: { servers: [{ address: \"127.0.0.1:1\" }] } }\n",
+            "with `source.etcd`, resources come from etcd",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"] } }\ndefaults: {}\n",
+            "defaults come from etcd",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"127.0.0.1:2379\"] } }\n",
+            "invalid etcd endpoint",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"], prefix: wsedge } }\n",
+            "invalid etcd prefix",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"], user: root } }\n",
+            "needs both `user` and `password_file`",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [] } }\n",
+            "no etcd endpoint",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"], tls: { ca_file: ca.pem } } }\n",
+            "every endpoint is https://",
+        ),
+        (
+            "listen: { http: [\"127.0.0.1:0\"] }\nsource: { etcd: { endpoints: [\"http://127.0.0.1:1\"], nope: 1 } }\n",
+            "unknown field `nope`",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let out = check_config("edge.yaml", yaml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}");
+        assert!(
+            err.contains("edge.yaml:") && err.contains(want),
+            "want {want:?}: {err}"
+        );
+    }
+}
