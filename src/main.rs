@@ -51,11 +51,22 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum ResourceAction {
     /// Create or replace the resource in FILE (one entry of `resources:`, with its name).
-    Put { file: PathBuf },
+    Put {
+        file: PathBuf,
+        /// Write only if nothing under the prefix changed after this revision (the one
+        /// `diff` or `list` showed); else nothing is written.
+        #[arg(long, value_name = "REVISION")]
+        if_revision: Option<i64>,
+    },
     /// Print a resource as stored.
     Get { name: String },
     /// Remove a resource.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Delete only if nothing under the prefix changed after this revision.
+        #[arg(long, value_name = "REVISION")]
+        if_revision: Option<i64>,
+    },
     /// List the resources.
     List,
     /// Show what `put FILE` would change, and whether it would be accepted.
@@ -78,9 +89,9 @@ fn main() -> ExitCode {
             prefix,
         };
         let action = match action {
-            ResourceAction::Put { file } => Action::Put(file),
+            ResourceAction::Put { file, if_revision } => Action::Put(file, if_revision),
             ResourceAction::Get { name } => Action::Get(name),
-            ResourceAction::Delete { name } => Action::Delete(name),
+            ResourceAction::Delete { name, if_revision } => Action::Delete(name, if_revision),
             ResourceAction::List => Action::List,
             ResourceAction::Diff { file } => Action::Diff(file),
         };

@@ -15,12 +15,14 @@ use std::time::Duration;
 /// What to do.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Create or replace the resource in FILE (one entry of `resources:`).
-    Put(PathBuf),
+    /// Create or replace the resource in FILE (one entry of `resources:`); with a
+    /// revision, only if nothing under the prefix changed after it (the one an operator
+    /// reviewed with `diff` or `list`).
+    Put(PathBuf, Option<i64>),
     /// Print a resource's value.
     Get(String),
-    /// Remove a resource.
-    Delete(String),
+    /// Remove a resource (with a revision: only if nothing changed after it).
+    Delete(String, Option<i64>),
     /// List the resources.
     List,
     /// Show what `put FILE` would change, and whether it would be accepted.
@@ -153,28 +155,31 @@ pub fn run(target: &Target, action: Action) -> Result<String, String> {
                 }
                 Ok(out)
             }
-            Action::Put(file) => {
+            Action::Put(file, if_revision) => {
+                let base = base_revision(&store, if_revision)?;
                 let (name, text) = read_resource(&file)?;
                 let k = format!("{RESOURCES}{name}");
-                if store.entries.get(&k) == Some(&text) {
+                let unchanged = store.entries.get(&k) == Some(&text);
+                let mut next = store.clone();
+                next.entries.insert(k, text.clone());
+                // Checked even when unchanged: a value already in etcd may not validate.
+                let n = check(&path, &local, &next, &settings.prefix, &name, &file)?;
+                if unchanged {
                     return Ok(format!(
                         "{}: unchanged at revision {}\n",
                         key(&name),
                         store.revision
                     ));
                 }
-                let mut next = store.clone();
-                next.entries.insert(k, text.clone());
-                let n = check(&path, &local, &next, &settings.prefix, &name, &file)?;
                 let op = TxnOp::put(key(&name), text, None);
-                let revision =
-                    write_if_unchanged(&mut client, &settings, store.revision, op).await?;
+                let revision = write_if_unchanged(&mut client, &settings, base, op).await?;
                 Ok(format!(
                     "{}: written at revision {revision} ({n} resources)\n",
                     key(&name)
                 ))
             }
-            Action::Delete(name) => {
+            Action::Delete(name, if_revision) => {
+                let base = base_revision(&store, if_revision)?;
                 let k = format!("{RESOURCES}{name}");
                 if !store.entries.contains_key(&k) {
                     return Err(format!("no resource {name} ({} is not set)", key(&name)));
@@ -183,8 +188,7 @@ pub fn run(target: &Target, action: Action) -> Result<String, String> {
                 next.entries.remove(&k);
                 let n = check(&path, &local, &next, &settings.prefix, &name, Path::new(""))?;
                 let op = TxnOp::delete(key(&name), None);
-                let revision =
-                    write_if_unchanged(&mut client, &settings, store.revision, op).await?;
+                let revision = write_if_unchanged(&mut client, &settings, base, op).await?;
                 Ok(format!(
                     "{}: deleted at revision {revision} ({n} resources left)\n",
                     key(&name)
@@ -192,6 +196,18 @@ pub fn run(target: &Target, action: Action) -> Result<String, String> {
             }
         }
     })
+}
+
+/// The revision a write is conditional on: the one asked for, else the one just read.
+fn base_revision(store: &Snapshot, asked: Option<i64>) -> Result<i64, String> {
+    match asked {
+        Some(r) if r < 1 || r > store.revision => Err(format!(
+            "--if-revision {r}: etcd is at revision {}; give one that `list` or `diff` showed",
+            store.revision
+        )),
+        Some(r) => Ok(r),
+        None => Ok(store.revision),
+    }
 }
 
 /// A resource file: its name and text.

@@ -100,27 +100,57 @@ async fn until_healthz(
     }
 }
 
-async fn echo(ws: &mut Ws, text: &str) {
-    within("send", ws.send(Message::text(text.to_string())))
-        .await
-        .unwrap();
-    match within("echo", ws.next()).await {
-        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), text),
-        other => panic!("want {text}, got {other:?}"),
+/// Opens `n` tunnels for `host` through `edge`.
+async fn tunnels_for(edge: &Edge, host: &'static str, n: usize) -> Vec<Ws> {
+    let mut all = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(50) {
+        let batch = (chunk * 50..((chunk + 1) * 50).min(n)).map(|_| {
+            let mut req = format!("ws://{}/ws", edge.addr)
+                .into_client_request()
+                .unwrap();
+            req.headers_mut()
+                .insert("host", http::HeaderValue::from_static(host));
+            tokio_tungstenite::connect_async(req)
+        });
+        for r in within("open tunnels", futures_util::future::join_all(batch)).await {
+            all.push(r.expect("tunnel opens").0);
+        }
     }
+    all
+}
+
+/// Every tunnel sends `tag-i` and gets exactly that back.
+async fn exchange(tunnels: &mut [Ws], tag: &str) {
+    let rounds = tunnels.iter_mut().enumerate().map(|(i, ws)| async move {
+        let msg = format!("{tag}-{i}");
+        ws.send(Message::text(msg.clone()))
+            .await
+            .map_err(|e| format!("{i}: {e}"))?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str() == msg => Ok(()),
+            other => Err(format!("{i}: want {msg}, got {other:?}")),
+        }
+    });
+    let results = within("exchange", futures_util::future::join_all(rounds)).await;
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    assert!(
+        errors.is_empty(),
+        "{} tunnels failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+}
+
+/// The `q`-quantile of `sorted`.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_in_etcd_reaches_two_edges_and_open_tunnels_carry_on() {
+async fn three_edges_on_one_etcd_apply_a_hundred_changes_and_a_thousand_tunnels_carry_on() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let origin = Origin::start(Mode::Echo).await;
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test"], origin.addr, "30s"),
-    )
-    .await;
     put(
         &mut client,
         "defaults",
@@ -128,83 +158,119 @@ async fn a_change_in_etcd_reaches_two_edges_and_open_tunnels_carry_on() {
     )
     .await;
 
-    // Two edges; the second runs four worker threads and still holds one watch.
-    let (d1, d2) = (scratch_dir("fleet-1"), scratch_dir("fleet-2"));
-    let e1 = start_edge(&d1, &local(&etcd.url, &d1.join("lkg.yaml"), ""));
-    let e2 = start_edge(
-        &d2,
-        &local(&etcd.url, &d2.join("lkg.yaml"), "pingora: { threads: 4 }\n"),
-    );
-    let mut tunnels = Vec::new();
-    for e in [&e1, &e2] {
-        assert_eq!(upgrade_status(e, "a.test").await, 101);
-        assert_eq!(upgrade_status(e, "b.test").await, 404);
-        let mut req = format!("ws://{}/ws", e.addr).into_client_request().unwrap();
-        req.headers_mut()
-            .insert("host", http::HeaderValue::from_static("a.test"));
-        let (ws, _) = within("open a tunnel", tokio_tungstenite::connect_async(req))
-            .await
-            .unwrap();
-        tunnels.push(ws);
-    }
-    for ws in &mut tunnels {
-        echo(ws, "before").await;
-    }
+    // Three edges; one runs four worker threads and still holds one watch.
+    let dirs: Vec<PathBuf> = (0..3).map(|i| scratch_dir(&format!("fleet-{i}"))).collect();
+    let edges: Vec<Edge> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let threads = if i == 2 {
+                "pingora: { threads: 4 }\n"
+            } else {
+                ""
+            };
+            start_edge(d, &local(&etcd.url, &d.join("lkg.yaml"), threads))
+        })
+        .collect();
 
-    // One change: the resource gains a hostname and a shorter idle timeout.
-    let changed = Instant::now();
-    let revision = put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "b.test"], origin.addr, "20s"),
-    )
-    .await;
+    // A resource put with the operator's command serves on all three.
+    let conf = dirs[0].join("wsedge.yaml");
+    let file = dirs[0].join("chat.yaml");
+    std::fs::write(&file, resource("chat", &["a.test"], origin.addr, "30s")).unwrap();
+    let (ok, out, err) = resource_cmd(&conf, &["put", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for e in &edges {
+        until_upgrade(e, "a.test", 101, STEP).await;
+        assert_eq!(upgrade_status(e, "b.test").await, 404);
+    }
+    println!("{out}");
+
+    // 1,000 tunnels of that resource, over the three edges.
+    let mut tunnels = Vec::new();
+    for (i, e) in edges.iter().enumerate() {
+        tunnels.extend(tunnels_for(e, "a.test", if i == 0 { 334 } else { 333 }).await);
+    }
+    exchange(&mut tunnels, "before").await;
+
+    // 100 changes of that same resource, each waited for on every edge.
     let mut took = Vec::new();
-    for e in [&e1, &e2] {
-        until_upgrade(e, "b.test", 101, STEP).await;
-        took.push(changed.elapsed());
-        let h = until_healthz(e, |h| h["config"]["revision"].as_i64() == Some(revision)).await;
-        assert_eq!(h["config"]["source"].as_str(), Some("etcd"));
-        assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
+    for i in 0..100 {
+        let host = format!("h{i}.test");
+        let idle = if i % 2 == 0 { "31s" } else { "30s" };
+        let started = Instant::now();
+        let revision = put(
+            &mut client,
+            "resources/chat",
+            resource("chat", &["a.test", &host], origin.addr, idle),
+        )
+        .await;
+        // Each edge's /healthz, every 2 ms, until it serves the revision.
+        let waits = edges.iter().map(|e| async move {
+            loop {
+                let h = healthz(e).await;
+                if h["config"]["revision"].as_i64() >= Some(revision) {
+                    return started.elapsed();
+                }
+                assert!(
+                    started.elapsed() < STEP,
+                    "revision {revision} never applied: {h:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let all = futures_util::future::join_all(waits).await;
+        took.push(all.into_iter().max().unwrap());
+    }
+    took.sort();
+    println!(
+        "propagation to all three edges over 100 changes: p50 {:?}, p99 {:?}, max {:?}",
+        quantile(&took, 0.5),
+        quantile(&took, 0.99),
+        took[took.len() - 1]
+    );
+    for e in &edges {
+        assert_eq!(upgrade_status(e, "h99.test").await, 101);
+        assert_eq!(upgrade_status(e, "h98.test").await, 404);
+    }
+    // Not one tunnel was cut.
+    exchange(&mut tunnels, "after").await;
+    let mut open = 0.0;
+    for e in &edges {
         let (_, metrics) = e.admin_request("GET", "/metrics").await;
-        assert_eq!(
-            metric(&metrics, "wsedge_config_revision"),
-            Some(revision as f64)
-        );
+        open += metric(&metrics, "wsedge_ws_tunnels_open{resource=\"chat\"}").unwrap_or(0.0);
         assert_eq!(metric(&metrics, "wsedge_config_source_up"), Some(1.0));
+        let h = healthz(e).await;
+        assert_eq!(h["config"]["source"].as_str(), Some("etcd"));
     }
-    println!("applied on both edges {:?} after the put", took);
-    // The tunnels opened before the change carry on.
-    for ws in &mut tunnels {
-        echo(ws, "after").await;
-    }
-    // One watch per process, whatever the threads: etcd counts two streams for two edges.
-    let metrics = reqwest_metrics(etcd.addr).await;
+    assert_eq!(open, 1000.0);
+
+    // One watch per process, whatever the threads: etcd counts three streams.
+    let metrics = etcd_metrics(etcd.addr).await;
     assert_eq!(
         metric(&metrics, "etcd_debugging_mvcc_watch_stream_total"),
-        Some(2.0),
+        Some(3.0),
         "watch streams on etcd"
     );
     // Each edge keeps what it applied.
-    for d in [&d1, &d2] {
+    for d in &dirs {
         let lkg = std::fs::read_to_string(d.join("lkg.yaml")).unwrap();
-        assert!(lkg.contains(&format!("revision: {revision}")), "{lkg}");
-        assert!(lkg.contains("b.test"), "{lkg}");
+        assert!(lkg.contains("h99.test"), "{lkg}");
     }
-    // A resource deleted from etcd is gone from every edge.
+    // A resource deleted from etcd is gone from every edge; its open tunnels are not cut.
     within(
         "delete",
         client.delete(format!("{PREFIX}resources/chat"), None),
     )
     .await
     .unwrap();
-    for e in [&e1, &e2] {
+    for e in &edges {
         until_upgrade(e, "a.test", 404, STEP).await;
     }
+    exchange(&mut tunnels[..10], "deleted").await;
 }
 
 /// etcd's own metrics page.
-async fn reqwest_metrics(addr: SocketAddr) -> String {
+async fn etcd_metrics(addr: SocketAddr) -> String {
     let answer = raw_request(
         addr,
         &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
@@ -339,17 +405,23 @@ async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_cat
     let state = scratch_dir("fleet-lkg-state");
     let lkg = state.join("var/lkg.yaml");
     let text = local(&etcd.url, &lkg, "");
-    {
-        let edge = start_edge(&dir, &text);
-        assert_eq!(upgrade_status(&edge, "a.test").await, 101);
-        let end = Instant::now() + STEP;
-        while !lkg.exists() {
-            assert!(Instant::now() < end, "no last-known-good file");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let serving = start_edge(&dir, &text);
+    assert_eq!(upgrade_status(&serving, "a.test").await, 101);
+    let end = Instant::now() + STEP;
+    while !lkg.exists() {
+        assert!(Instant::now() < end, "no last-known-good file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // etcd killed (SIGKILL) under a serving edge: it serves on, and says etcd is down.
     etcd.stop();
     drop(client);
+    until_healthz(&serving, |h| {
+        h["config"]["source_up"].as_bool() == Some(false)
+    })
+    .await;
+    assert_eq!(upgrade_status(&serving, "a.test").await, 101);
+    let (_, metrics) = serving.admin_request("GET", "/metrics").await;
+    assert_eq!(metric(&metrics, "wsedge_config_source_up"), Some(0.0));
 
     // etcd is down: the edge starts from the file, and says so.
     let dir2 = scratch_dir("fleet-lkg-2");
@@ -400,9 +472,11 @@ async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_cat
         resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
     )
     .await;
-    until_upgrade(&edge, "b.test", 101, STEP).await;
-    let h = until_healthz(&edge, |h| h["config"]["source_up"].as_bool() == Some(true)).await;
-    assert_eq!(h["config"]["last_known_good"].as_bool(), Some(false));
+    for e in [&edge, &serving] {
+        until_upgrade(e, "b.test", 101, Duration::from_secs(30)).await;
+        let h = until_healthz(e, |h| h["config"]["source_up"].as_bool() == Some(true)).await;
+        assert_eq!(h["config"]["last_known_good"].as_bool(), Some(false));
+    }
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -569,6 +643,23 @@ async fn wsedge_resource_checks_a_change_before_writing_it_with_a_compare_and_sw
         .unwrap()
         .revision();
     assert_eq!(before, after, "a refused change wrote nothing");
+    // The same value written straight into etcd: `-t` says the same as the command.
+    put(&mut client, "resources/chat", std::fs::read(&bad).unwrap()).await;
+    let out = Command::new(wsedge_bin())
+        .args(["-t", "-c"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let t_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (_, _, cli_err) = resource_cmd(&conf, &["put", bad.to_str().unwrap()]);
+    let after_place = |e: &str| e.split_once(":6:").map(|(_, rest)| rest.trim().to_string());
+    assert!(t_err.contains("etcd /wsedge/resources/chat:6:"), "{t_err}");
+    assert_eq!(
+        after_place(&t_err),
+        after_place(&cli_err),
+        "{t_err}\n{cli_err}"
+    );
+    put(&mut client, "resources/chat", std::fs::read(&chat).unwrap()).await;
 
     // Two operators: a write checked against an older revision is refused.
     let settings = wsedge::Config::etcd_settings(&conf).unwrap().unwrap();
@@ -586,6 +677,54 @@ async fn wsedge_resource_checks_a_change_before_writing_it_with_a_compare_and_sw
         .await
         .unwrap();
     assert!(value.kvs()[0].value_str().unwrap().contains("z.test"));
+
+    // Two operators reviewed the same revision and put at once: one wins, the other is
+    // told to read again.
+    let (_, listed, _) = resource_cmd(&conf, &["list"]);
+    let revision: i64 = listed
+        .strip_prefix("revision ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{listed}"));
+    let one = file(
+        "one.yaml",
+        &resource("chat", &["a.test", "one.test"], origin.addr, "30s"),
+    );
+    let two = file(
+        "two.yaml",
+        &resource("chat", &["a.test", "two.test"], origin.addr, "30s"),
+    );
+    let r = revision.to_string();
+    let racers: Vec<_> = [&one, &two]
+        .iter()
+        .map(|f| {
+            Command::new(wsedge_bin())
+                .args(["resource", "-c"])
+                .arg(&conf)
+                .args(["put", f.to_str().unwrap(), "--if-revision", &r])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<_> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won = results.iter().filter(|o| o.status.success()).count();
+    assert_eq!(won, 1, "{results:?}");
+    let lost = results.iter().find(|o| !o.status.success()).unwrap();
+    let lost_err = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        lost_err.contains("nothing written") && lost_err.contains("run the command again"),
+        "{lost_err}"
+    );
+    let (ok, _, err) = resource_cmd(
+        &conf,
+        &["put", one.to_str().unwrap(), "--if-revision", "999999"],
+    );
+    assert!(!ok && err.contains("etcd is at revision"), "{err}");
 
     // --etcd and --prefix are checked; delete removes.
     let (ok, _, err) = resource_cmd(&conf, &["--etcd", "ftp://x", "list"]);
@@ -644,4 +783,182 @@ fn the_local_file_of_an_etcd_edge_is_checked_like_any_file() {
             "want {want:?}: {err}"
         );
     }
+}
+
+/// A client of `etcd` over TLS with `identity`, as `user` when given.
+async fn tls_client(
+    etcd: &Etcd,
+    pki: &Pki,
+    identity: &Issued,
+    user: Option<(&str, &str)>,
+) -> Client {
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read(&pki.ca_path())))
+        .identity(etcd_client::Identity::from_pem(
+            read(&identity.cert),
+            read(&identity.key),
+        ));
+    let mut options = etcd_client::ConnectOptions::new().with_tls(tls);
+    if let Some((u, p)) = user {
+        options = options.with_user(u, p);
+    }
+    within(
+        "connect to etcd over TLS",
+        Client::connect([etcd.url.as_str()], Some(options)),
+    )
+    .await
+    .expect("TLS client connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_reads_etcd_over_tls_with_a_client_certificate_and_a_user_of_its_own() {
+    let pki = Pki::new("etcd-pki");
+    let server = pki.issue("etcd", &["127.0.0.1", "localhost"]);
+    let operator = pki.issue("operator", &["operator"]);
+    let edge_cert = pki.issue("edge", &["edge"]);
+    let etcd = Etcd::start_tls(server.cert.clone(), server.key.clone(), pki.ca_path());
+    let origin = Origin::start(Mode::Echo).await;
+
+    // Users: root, and `wsedge`, which may only read the prefix.
+    let mut admin = tls_client(&etcd, &pki, &operator, None).await;
+    admin.user_add("root", "root-password", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("edge").await.unwrap();
+    let read = etcd_client::Permission::read(PREFIX).with_prefix();
+    admin.role_grant_permission("edge", read).await.unwrap();
+    admin
+        .user_add("wsedge", "edge-password", None)
+        .await
+        .unwrap();
+    admin.user_grant_role("wsedge", "edge").await.unwrap();
+    put(
+        &mut admin,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    admin.auth_enable().await.unwrap();
+    let mut root = tls_client(&etcd, &pki, &operator, Some(("root", "root-password"))).await;
+
+    let dir = scratch_dir("fleet-tls");
+    let state = scratch_dir("fleet-tls-state");
+    std::fs::write(state.join("password"), "edge-password\n").unwrap();
+    let source = |ca: &Path, password: &str, lkg: &str| {
+        format!(
+            "listen: {{ http: [\"127.0.0.1:0\"] }}\naccess_log: off\nsource:\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2s\n    tls: {{ ca_file: \"{}\", certificate: \"{}\", private_key: \"{}\" }}\n    user: wsedge\n    password_file: \"{}\"\n    last_known_good: \"{}\"\n",
+            etcd.url,
+            ca.display(),
+            edge_cert.cert.display(),
+            edge_cert.key.display(),
+            state.join(password).display(),
+            state.join(lkg).display()
+        )
+    };
+    let edge = start_edge(
+        &dir,
+        &with_admin(&source(&pki.ca_path(), "password", "lkg.yaml")),
+    );
+    assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+    put(
+        &mut root,
+        "resources/chat",
+        resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
+    )
+    .await;
+    until_upgrade(&edge, "b.test", 101, STEP).await;
+    let h = healthz(&edge).await;
+    assert_eq!(h["config"]["source_up"].as_bool(), Some(true), "{h:?}");
+
+    // A wrong password, a CA that did not sign etcd's certificate: etcd cannot be read,
+    // and without a last-known-good file the edge does not start.
+    std::fs::write(state.join("wrong"), "guess\n").unwrap();
+    let other = Pki::new("etcd-other-ca");
+    for (name, text, want) in [
+        (
+            "wrong-password.yaml",
+            source(&pki.ca_path(), "wrong", "none.yaml"),
+            "authentication failed",
+        ),
+        (
+            "wrong-ca.yaml",
+            source(&other.ca_path(), "password", "none.yaml"),
+            "cannot be read",
+        ),
+    ] {
+        let path = state.join(name);
+        std::fs::write(&path, &text).unwrap();
+        let out = Command::new(wsedge_bin())
+            .args(["-t", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}");
+        assert!(
+            err.contains(want) && err.contains("no last-known-good"),
+            "{name}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_starts_on_an_etcd_state_that_does_not_validate_serves_its_last_known_good() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    let state = scratch_dir("fleet-invalid-state");
+    let lkg = state.join("lkg.yaml");
+    let text = local(&etcd.url, &lkg, "");
+    let d1 = scratch_dir("fleet-invalid-1");
+    {
+        let _first = start_edge(&d1, &text);
+        let end = Instant::now() + STEP;
+        while !lkg.exists() {
+            assert!(Instant::now() < end, "no last-known-good file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A bad value lands in etcd (written around `wsedge resource`).
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "never"),
+    )
+    .await;
+    let d2 = scratch_dir("fleet-invalid-2");
+    let edge = start_edge(&d2, &text);
+    assert_eq!(upgrade_status(&edge, "a.test").await, 101);
+    let log = edge.log_text();
+    assert!(
+        log.contains("does not validate") && log.contains("etcd /wsedge/resources/chat:6:"),
+        "{log}"
+    );
+    let h = healthz(&edge).await;
+    assert_eq!(
+        h["config"]["last_known_good"].as_bool(),
+        Some(true),
+        "{h:?}"
+    );
+    // Fixed in etcd: the edge applies it.
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
+    )
+    .await;
+    until_upgrade(&edge, "b.test", 101, STEP).await;
+    let h = until_healthz(&edge, |h| {
+        h["config"]["last_known_good"].as_bool() == Some(false)
+    })
+    .await;
+    assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -30,20 +30,34 @@ pub struct Etcd {
     peer: u16,
     dir: PathBuf,
     pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Server certificate and key, and the CA clients must present a certificate of.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
     /// Starts a one-member etcd with its data in a scratch directory.
     pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd on https with `cert`/`key`, requiring client certificates signed by
+    /// `client_ca`.
+    pub fn start_tls(cert: PathBuf, key: PathBuf, client_ca: PathBuf) -> Etcd {
+        Self::start_with(Some((cert, key, client_ca)))
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for _ in 0..5 {
             let (client, peer) = (free_port(), free_port());
             let mut e = Etcd {
                 child: None,
-                url: format!("http://127.0.0.1:{client}"),
+                url: format!("{scheme}://127.0.0.1:{client}"),
                 addr: SocketAddr::from(([127, 0, 0, 1], client)),
                 peer,
                 dir: scratch_dir("etcd"),
                 log: Default::default(),
+                tls: tls.clone(),
             };
             if e.spawn() {
                 return e;
@@ -59,7 +73,18 @@ impl Etcd {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("etcd is not installed: `apt-get install etcd-server` (scripts/setup does)");
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some((cert, key, ca)) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let mut child = command
             .args(["--name", "t", "--logger", "zap", "--log-outputs", "stderr"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -82,6 +107,7 @@ impl Etcd {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 leader |= line.contains("published local member to cluster");
                 serving |= line.contains("serving client traffic")
+                    || line.contains("serving client requests")
                     || line.contains("ready to serve client requests");
                 if leader && serving {
                     let _ = tx.send(true);
