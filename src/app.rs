@@ -72,9 +72,11 @@ pub enum RunError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Neither etcd nor the last-known-good file could be read (`source.etcd`).
+    /// A start that cannot go on (etcd and the last-known-good file both unreadable, the
+    /// upgrade socket's directory not writable, `--demo` on a real configuration), with
+    /// what to do.
     #[error("{0}")]
-    NoSource(String),
+    Start(String),
     /// The demo origin could not start.
     #[error("cannot start the demo origin on {addr}: {source}")]
     Demo {
@@ -340,12 +342,18 @@ pub fn init_logging() -> Arc<LineWriter> {
     errors
 }
 
+/// `wsedge healthcheck`: `GET /healthz` on the admin listener of the configuration at
+/// `path` (for a container's `HEALTHCHECK`): the body if it answered 200.
+pub fn healthcheck(path: &std::path::Path) -> Result<String, String> {
+    crate::ops::container::healthcheck(path)
+}
+
 /// Runs wsedge as the command line asked. Returns for `-t`, on an error, or once the
 /// server has shut down (with its access log flushed).
 pub fn run(opts: Options) -> Result<(), RunError> {
     let (mut config, origin) = crate::fleet::load(&opts.config).map_err(|e| match e {
         crate::fleet::LoadError::Config(e) => RunError::Config(e),
-        crate::fleet::LoadError::NoSource(why) => RunError::NoSource(why),
+        crate::fleet::LoadError::NoSource(why) => RunError::Start(why),
     })?;
     for w in &config.warnings {
         eprintln!("wsedge: warning: {w}");
@@ -376,6 +384,14 @@ pub fn run(opts: Options) -> Result<(), RunError> {
             config.resources.len()
         );
         return Ok(());
+    }
+    if let Some(hint) = crate::ops::container::loopback_hint(&config) {
+        log::warn!("{hint}");
+        eprintln!("wsedge: warning: {hint}");
+    }
+    if opts.upgrade {
+        let sock = server_conf(&config).upgrade_sock;
+        crate::ops::container::check_upgrade_socket(&sock).map_err(RunError::Start)?;
     }
     match crate::os::raise_nofile_limit() {
         Ok(n) => log::info!("open files: up to {n} (each connection takes one, a tunnel two)"),
@@ -436,11 +452,18 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 #[cfg(feature = "demo")]
 fn start_demo(config: &mut Config) -> Result<SocketAddr, RunError> {
     let Some(first) = config.resources.first() else {
-        return Err(RunError::NoSource(
+        return Err(RunError::Start(
             "--demo needs a resource to serve: this configuration has none".into(),
         ));
     };
     let addr = first.origin.servers[0].addr;
+    if !addr.ip().is_loopback() {
+        // The demo would take over a real origin's address (an image run with its default
+        // command and an operator's configuration mounted over the demo's).
+        return Err(RunError::Start(format!(
+            "--demo starts the demo origin at the first resource's first server, which must be on loopback ({addr} is not): this looks like a real configuration, whose origin the demo would take the place of; run without --demo"
+        )));
+    }
     let bound = crate::demo::spawn(addr).map_err(|source| RunError::Demo { addr, source })?;
     for r in &mut config.resources {
         for s in &mut Arc::make_mut(r).origin.servers {

@@ -55,7 +55,7 @@ mod streams;
 mod syntax;
 mod tunnel;
 
-pub use app::{init_logging, run, server_conf, Edge, Options, RunError};
+pub use app::{healthcheck, init_logging, run, server_conf, Edge, Options, RunError};
 pub use config::store::{EtcdSettings, Snapshot};
 pub use config::{Config, ConfigError, Resource};
 pub use observe::access_log::AccessLog;

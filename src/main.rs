@@ -34,6 +34,9 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Ask the admin listener of the configuration file (-c) for /healthz: exit 0 if it
+    /// answers 200 (a container's HEALTHCHECK).
+    Healthcheck,
     /// Change the resources in etcd (`source.etcd`), checked like `-t` before any edge sees
     /// them; the store is the one of the configuration file (-c), or --etcd.
     Resource {
@@ -76,6 +79,18 @@ enum ResourceAction {
 fn main() -> ExitCode {
     let log = wsedge::init_logging();
     let args = Args::parse();
+    if let Some(Command::Healthcheck) = args.command {
+        return match wsedge::healthcheck(&args.conf) {
+            Ok(body) => {
+                println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsedge healthcheck: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Resource {
         etcd,
         prefix,

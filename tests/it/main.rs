@@ -6,6 +6,7 @@ mod common;
 
 mod answers;
 mod config;
+mod container;
 mod demo;
 mod drain;
 mod fleet;
