@@ -128,48 +128,29 @@ pub(super) struct Joined {
 impl Joined {
     /// Places an error found in the joined text in the etcd key it came from, at the line
     /// and column within the value; errors in the local file stay as they are.
-    pub fn place(&self, e: ConfigError) -> ConfigError {
-        let ConfigError::Invalid {
+    pub fn place(&self, mut e: ConfigError) -> ConfigError {
+        if let ConfigError::Invalid {
             file,
             line,
             column,
-            resource,
             key,
-            message,
-        } = e
-        else {
-            return e;
-        };
-        let Some(s) = self
-            .segments
-            .iter()
-            .find(|s| line >= s.first && line < s.first + s.lines.max(1))
-        else {
-            return ConfigError::Invalid {
-                file,
-                line,
-                column,
-                resource,
-                key,
-                message,
-            };
-        };
-        // `resources[3].websocket.x` → `websocket.x`: the key names the resource already.
-        let key = match key.strip_prefix("resources[") {
-            Some(rest) => match rest.split_once("].") {
-                Some((_, k)) => k.to_string(),
-                None => "(the whole value)".to_string(),
-            },
-            None => key,
-        };
-        ConfigError::Invalid {
-            file: format!("etcd {}", s.key),
-            line: line + 1 - s.first,
-            column: column.saturating_sub(s.indent).max(1),
-            resource,
-            key,
-            message,
+            ..
+        } = &mut e
+        {
+            let within = |s: &&Segment| *line >= s.first && *line < s.first + s.lines.max(1);
+            if let Some(s) = self.segments.iter().find(within) {
+                *file = format!("etcd {}", s.key);
+                *line = *line + 1 - s.first;
+                *column = column.saturating_sub(s.indent).max(1);
+                // `resources[3].websocket.x` → `websocket.x`: the key names the resource.
+                if let Some(rest) = key.strip_prefix("resources[") {
+                    *key = rest
+                        .split_once("].")
+                        .map_or_else(|| "(the whole value)".to_string(), |(_, k)| k.to_string());
+                }
+            }
         }
+        e
     }
 }
 

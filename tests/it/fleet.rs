@@ -44,6 +44,20 @@ async fn put(client: &mut Client, key: &str, value: impl Into<Vec<u8>>) -> i64 {
     resp.header().unwrap().revision()
 }
 
+/// A real etcd holding resource `chat` (a.test) of an echo origin.
+async fn etcd_with_chat() -> (Etcd, Client, Origin) {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let origin = Origin::start(Mode::Echo).await;
+    put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test"], origin.addr, "30s"),
+    )
+    .await;
+    (etcd, client, origin)
+}
+
 /// Starts an edge on the local file written at `dir/wsedge.yaml`.
 fn start_edge(dir: &Path, text: &str) -> Edge {
     let path = dir.join("wsedge.yaml");
@@ -391,15 +405,7 @@ async fn a_value_that_does_not_validate_is_refused_at_its_key_and_line_and_the_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_catches_up() {
-    let mut etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let origin = Origin::start(Mode::Echo).await;
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test"], origin.addr, "30s"),
-    )
-    .await;
+    let (mut etcd, client, origin) = etcd_with_chat().await;
     let dir = scratch_dir("fleet-lkg");
     // Outside the edges' directories (each is removed with its edge), as a volume is.
     let state = scratch_dir("fleet-lkg-state");
@@ -905,15 +911,7 @@ async fn an_edge_reads_etcd_over_tls_with_a_client_certificate_and_a_user_of_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_starts_on_an_etcd_state_that_does_not_validate_serves_its_last_known_good() {
-    let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let origin = Origin::start(Mode::Echo).await;
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test"], origin.addr, "30s"),
-    )
-    .await;
+    let (etcd, mut client, origin) = etcd_with_chat().await;
     let state = scratch_dir("fleet-invalid-state");
     let lkg = state.join("lkg.yaml");
     let text = local(&etcd.url, &lkg, "");
