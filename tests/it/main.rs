@@ -4,6 +4,7 @@
 
 mod common;
 
+mod analytics;
 mod answers;
 mod config;
 mod container;

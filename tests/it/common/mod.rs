@@ -4,6 +4,7 @@
 //! is under a timeout.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod edge;
 pub mod etcd;
 pub mod h2ws;
@@ -12,6 +13,7 @@ pub mod pki;
 pub mod raw;
 pub mod wire;
 
+pub use clickhouse::*;
 pub use edge::*;
 pub use etcd::*;
 pub use h2ws::*;
