@@ -132,6 +132,21 @@ impl WatchEtcd {
                         resp.compact_revision()
                     );
                 }
+                if resp.created()
+                    && resp
+                        .header()
+                        .is_some_and(|h| h.revision() < st.store.revision)
+                {
+                    // etcd is behind what this edge saw: a store rebuilt or restored from a
+                    // backup. Watching from the old revision would wait for revisions
+                    // that mean something else; read everything instead.
+                    st.full_read = true;
+                    return format!(
+                        "etcd is at revision {} but this edge has seen {} (a store rebuilt or restored?): reading everything again",
+                        resp.header().map_or(0, |h| h.revision()),
+                        st.store.revision
+                    );
+                }
                 if resp.canceled() {
                     st.full_read = true;
                     return format!("etcd canceled the watch: {}", resp.cancel_reason());

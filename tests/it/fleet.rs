@@ -557,6 +557,43 @@ async fn the_watch_resumes_after_a_cut_and_reads_everything_again_past_a_compact
     assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_rebuilt_from_scratch_behind_the_edges_revision_is_read_again() {
+    let (mut etcd, mut client, origin) = etcd_with_chat().await;
+    let dir = scratch_dir("fleet-rebuilt");
+    let edge = start_edge(&dir, &local(&etcd.url, &dir.join("lkg.yaml"), ""));
+    // The edge sees revisions well past what a new store will have.
+    let mut seen = 0;
+    for i in 0..10 {
+        let hosts = ["a.test", if i % 2 == 0 { "x.test" } else { "y.test" }];
+        seen = put(
+            &mut client,
+            "resources/chat",
+            resource("chat", &hosts, origin.addr, "30s"),
+        )
+        .await;
+    }
+    until_healthz(&edge, |h| h["config"]["revision"].as_i64() == Some(seen)).await;
+    // The store is rebuilt from nothing (a lost cluster, a restore of an old backup): its
+    // revisions start again from 1.
+    drop(client);
+    etcd.restart_empty();
+    let mut client = etcd.client().await;
+    let now = put(
+        &mut client,
+        "resources/chat",
+        resource("chat", &["a.test", "new.test"], origin.addr, "30s"),
+    )
+    .await;
+    assert!(now < seen, "{now} {seen}");
+    until_upgrade(&edge, "new.test", 101, Duration::from_secs(30)).await;
+    assert_eq!(upgrade_status(&edge, "y.test").await, 404);
+    let log = edge.wait_log(&["a store rebuilt or restored"]);
+    assert!(log.contains("a store rebuilt or restored"), "{log}");
+    let h = until_healthz(&edge, |h| h["config"]["revision"].as_i64() == Some(now)).await;
+    assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
+}
+
 /// Runs `wsedge resource ...` with the edge's file `conf`.
 fn resource_cmd(conf: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(wsedge_bin())

@@ -152,6 +152,13 @@ impl Etcd {
         panic!("etcd did not restart; log:\n{}", self.log.lock().unwrap());
     }
 
+    /// Starts it again on the same ports with no data: a store rebuilt from scratch.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.join("data"));
+        self.restart();
+    }
+
     /// A client of it.
     pub async fn client(&self) -> etcd_client::Client {
         super::within(
