@@ -135,3 +135,27 @@ fn an_upgrade_into_a_directory_wsedge_may_not_write_says_whose_it_is() {
         assert!(err.contains(says), "{says:?} not in: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_gives_up_on_an_admin_listener_that_never_answers() {
+    // It takes the connection and says nothing: the check fails (after its 3 s read
+    // timeout), it does not hang the container's HEALTHCHECK.
+    // (Not the test origin: it answers health checks.)
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let (ok, out, err) = within(
+        "healthcheck against a silent listener",
+        tokio::task::spawn_blocking(move || healthcheck(&format!("\"{admin}\""))),
+    )
+    .await
+    .unwrap();
+    hold.abort();
+    assert!(!ok, "{admin}: out {out:?} err {err:?}");
+    assert!(err.contains(&admin.to_string()), "{err}");
+}

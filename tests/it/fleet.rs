@@ -49,13 +49,27 @@ async fn etcd_with_chat() -> (Etcd, Client, Origin) {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let origin = Origin::start(Mode::Echo).await;
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test"], origin.addr, "30s"),
-    )
-    .await;
+    put_chat(&mut client, &origin, &["a.test"]).await;
     (etcd, client, origin)
+}
+
+/// Puts resource `chat` serving `hosts` from `origin`; the revision.
+async fn put_chat(client: &mut Client, origin: &Origin, hosts: &[&str]) -> i64 {
+    put(
+        client,
+        "resources/chat",
+        resource("chat", hosts, origin.addr, "30s"),
+    )
+    .await
+}
+
+/// Waits (bounded) until the edge has written the file at `path`.
+async fn until_exists(path: &Path) {
+    let end = Instant::now() + STEP;
+    while !path.exists() {
+        assert!(Instant::now() < end, "no file {}", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Starts an edge on the local file written at `dir/wsedge.yaml`.
@@ -389,12 +403,7 @@ async fn a_value_that_does_not_validate_is_refused_at_its_key_and_line_and_the_e
     let (_, metrics) = edge.admin_request("GET", "/metrics").await;
     assert!(metric(&metrics, "wsedge_config_reloads_total{result=\"failed\"}").unwrap() >= 11.0);
     // A good change after all that is applied.
-    let revision = put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "c.test"], origin.addr, "30s"),
-    )
-    .await;
+    let revision = put_chat(&mut client, &origin, &["a.test", "c.test"]).await;
     until_upgrade(&edge, "c.test", 101, STEP).await;
     let h = until_healthz(&edge, |h| {
         h["config"]["revision"].as_i64() == Some(revision)
@@ -413,11 +422,7 @@ async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_cat
     let text = local(&etcd.url, &lkg, "");
     let serving = start_edge(&dir, &text);
     assert_eq!(upgrade_status(&serving, "a.test").await, 101);
-    let end = Instant::now() + STEP;
-    while !lkg.exists() {
-        assert!(Instant::now() < end, "no last-known-good file");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_exists(&lkg).await;
     // etcd killed (SIGKILL) under a serving edge: it serves on, and says etcd is down.
     etcd.stop();
     drop(client);
@@ -472,12 +477,7 @@ async fn an_edge_starts_from_its_last_known_good_file_while_etcd_is_down_and_cat
     // etcd returns with a change made meanwhile: the edge catches up.
     etcd.restart();
     let mut client = etcd.client().await;
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
-    )
-    .await;
+    put_chat(&mut client, &origin, &["a.test", "b.test"]).await;
     for e in [&edge, &serving] {
         until_upgrade(e, "b.test", 101, Duration::from_secs(30)).await;
         let h = until_healthz(e, |h| h["config"]["source_up"].as_bool() == Some(true)).await;
@@ -579,12 +579,7 @@ async fn a_store_rebuilt_from_scratch_behind_the_edges_revision_is_read_again() 
     drop(client);
     etcd.restart_empty();
     let mut client = etcd.client().await;
-    let now = put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "new.test"], origin.addr, "30s"),
-    )
-    .await;
+    let now = put_chat(&mut client, &origin, &["a.test", "new.test"]).await;
     assert!(now < seen, "{now} {seen}");
     until_upgrade(&edge, "new.test", 101, Duration::from_secs(30)).await;
     assert_eq!(upgrade_status(&edge, "y.test").await, 404);
@@ -706,12 +701,7 @@ async fn wsedge_resource_checks_a_change_before_writing_it_with_a_compare_and_sw
 
     // Two operators: a write checked against an older revision is refused.
     let settings = wsedge::Config::etcd_settings(&conf).unwrap().unwrap();
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "z.test"], origin.addr, "30s"),
-    )
-    .await;
+    put_chat(&mut client, &origin, &["a.test", "z.test"]).await;
     let op = etcd_client::TxnOp::put(format!("{PREFIX}resources/chat"), "name: chat\n", None);
     let refused = wsedge::fleet::cli::write_if_unchanged(&mut client, &settings, before, op).await;
     assert!(refused.unwrap_err().contains("changed since revision"));
@@ -955,11 +945,7 @@ async fn an_edge_that_starts_on_an_etcd_state_that_does_not_validate_serves_its_
     let d1 = scratch_dir("fleet-invalid-1");
     {
         let _first = start_edge(&d1, &text);
-        let end = Instant::now() + STEP;
-        while !lkg.exists() {
-            assert!(Instant::now() < end, "no last-known-good file");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_exists(&lkg).await;
     }
     // A bad value lands in etcd (written around `wsedge resource`).
     put(
@@ -983,12 +969,7 @@ async fn an_edge_that_starts_on_an_etcd_state_that_does_not_validate_serves_its_
         "{h:?}"
     );
     // Fixed in etcd: the edge applies it.
-    put(
-        &mut client,
-        "resources/chat",
-        resource("chat", &["a.test", "b.test"], origin.addr, "30s"),
-    )
-    .await;
+    put_chat(&mut client, &origin, &["a.test", "b.test"]).await;
     until_upgrade(&edge, "b.test", 101, STEP).await;
     let h = until_healthz(&edge, |h| {
         h["config"]["last_known_good"].as_bool() == Some(false)
@@ -996,4 +977,39 @@ async fn an_edge_that_starts_on_an_etcd_state_that_does_not_validate_serves_its_
     .await;
     assert_eq!(h["config"]["source_up"].as_bool(), Some(true));
     let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_accepts_and_never_answers_is_given_up_on_within_its_timeout() {
+    // A listener that takes the connection and says nothing (a hung member, a black hole).
+    let silent = Origin::start(Mode::Silent).await;
+    let dir = scratch_dir("fleet-silent");
+    let path = dir.join("wsedge.yaml");
+    std::fs::write(
+        &path,
+        local(
+            &format!("http://{}", silent.addr),
+            &dir.join("none/lkg.yaml"),
+            "",
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(wsedge_bin())
+        .args(["-t", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    // `timeout` would exit 124 after 30 s; wsedge gives up after its 2 s timeout itself.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(took < Duration::from_secs(25), "{took:?}");
+    assert!(
+        err.contains("cannot be read") && err.contains("no last-known-good"),
+        "{err}"
+    );
 }

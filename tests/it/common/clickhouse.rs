@@ -2,7 +2,7 @@
 //! installs it), from the package's own configuration with free ports and a scratch data
 //! directory, ready when `/ping` answers; and queries over its HTTP interface.
 
-use super::edge::{scratch_dir, STEP};
+use super::edge::{free_port, scratch_dir, STEP};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -15,14 +15,6 @@ pub struct ClickHouse {
     /// Its HTTP interface.
     pub http: SocketAddr,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl ClickHouse {

@@ -29,6 +29,16 @@ pub fn wsedge_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wsedge")))
 }
 
+/// A free port on 127.0.0.1, for servers that cannot take port 0 (etcd, ClickHouse): bound,
+/// then released for the server to bind (their harnesses retry on a lost race).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A unique scratch directory under the system temp dir.
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);

@@ -3,7 +3,7 @@
 //! a test can cut and restore (a network partition between an edge and etcd, while the
 //! test's own client still reaches etcd directly).
 
-use super::edge::{scratch_dir, STEP};
+use super::edge::{free_port, scratch_dir, STEP};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,15 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-
-/// A free port on 127.0.0.1 (bound, then released for etcd to bind).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running etcd; stopped on drop.
 pub struct Etcd {
