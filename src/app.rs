@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::observe::access_log::{error_log_dropped, AccessLog, ErrorLog, LineWriter};
+use crate::observe::analytics::{self, Feed};
 use crate::observe::metrics::EdgeStats;
 use crate::ops::drain::{DrainOnShutdown, OnDrained};
 use crate::ops::reload::Reloader;
@@ -127,6 +128,7 @@ pub struct Edge {
     reloader: Arc<Reloader>,
     services: Vec<Box<dyn ServiceWithDependents>>,
     on_drained: Option<OnDrained>,
+    analytics: Option<Arc<Feed>>,
 }
 
 impl Edge {
@@ -145,9 +147,14 @@ impl Edge {
                 }
             })?;
         let access_log = Arc::new(access_log);
+        let analytics = config
+            .analytics
+            .as_ref()
+            .map(|a| Feed::new(a, analytics::Counters::new(&stats)));
         let reloader = Arc::new(
             Reloader::new(config.clone(), router.clone(), lasting.clone())
-                .with_access_log(access_log.clone()),
+                .with_access_log(access_log.clone())
+                .with_analytics(analytics.clone()),
         );
         let mut edge = Edge {
             config,
@@ -157,7 +164,14 @@ impl Edge {
             reloader,
             services: Vec::new(),
             on_drained: None,
+            analytics,
         };
+        if let (Some(feed), Some(settings)) = (&edge.analytics, &edge.config.analytics) {
+            edge.services.push(Box::new(background_service(
+                "analytics to ClickHouse",
+                analytics::ship::Shipper::new(feed.clone(), settings),
+            )));
+        }
         edge.add_listeners(server_conf)?;
         let (router, stats, reloader) = (edge.router.clone(), stats, edge.reloader.clone());
         edge.services.push(Box::new(background_service(
@@ -199,7 +213,8 @@ impl Edge {
             .with_access_log(self.access_log.clone())
             .with_metrics(config.metrics)
             .with_unbuffered_listeners(true)
-            .with_drain(self.lasting.drain.clone());
+            .with_drain(self.lasting.drain.clone())
+            .with_analytics(self.analytics.clone());
         let mut http = pingora::proxy::http_proxy(server_conf, proxy);
         // An HTTP/2 connection without a stream is closed after the keep-alive timeout, its
         // header blocks are held to the HTTP/1.1 limit (431), and an HTTP/1.1 connection
@@ -310,6 +325,13 @@ impl Edge {
         self
     }
 
+    /// The feed of fleet statistics, with `analytics` configured: a stopping process
+    /// calls [`Feed::finish`] once nothing is served (the edge does before `on_drained`'s
+    /// function), so that rows still in memory are spilled for the next process.
+    pub fn analytics(&self) -> Option<&Arc<Feed>> {
+        self.analytics.as_ref()
+    }
+
     /// Adds every service of the edge to `server`, with the drain at its shutdown: the
     /// tunnels are told to go over `drain.spread` once the listeners are closed or handed
     /// over.
@@ -320,7 +342,15 @@ impl Edge {
                 self.lasting.drain.clone(),
                 self.lasting.stats.clone(),
                 server.watch_execution_phase(),
-                self.on_drained.take(),
+                self.on_drained.take().map(|done| {
+                    let feed = self.analytics.clone();
+                    Arc::new(move || {
+                        if let Some(feed) = &feed {
+                            feed.finish();
+                        }
+                        done()
+                    }) as OnDrained
+                }),
             ),
         )));
         server.add_services(self.services);
@@ -430,6 +460,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     }
     let access_log = edge.access_log().clone();
     let last_lines = access_log.clone();
+    let last_rows = edge.analytics().cloned();
     // A stopping wsedge exits as soon as nothing is left, its lines written: Pingora
     // would wait out its whole grace period (300 s by default) with nothing open.
     let edge = edge.on_drained(move || {
@@ -442,8 +473,12 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     edge.add_to(&mut server);
     std::thread::spawn(move || readiness.announce());
     server.run(RunArgs::default());
-    // Tunnels cut at shutdown were logged as the runtimes dropped them: write those lines.
+    // Tunnels cut at shutdown were logged as the runtimes dropped them: write those lines,
+    // and spill their rows.
     access_log.flush(Duration::from_secs(5));
+    if let Some(feed) = last_rows {
+        feed.finish();
+    }
     Ok(())
 }
 

@@ -59,6 +59,7 @@ pub use app::{healthcheck, init_logging, run, server_conf, Edge, Options, RunErr
 pub use config::store::{EtcdSettings, Snapshot};
 pub use config::{Config, ConfigError, Resource};
 pub use observe::access_log::AccessLog;
+pub use observe::analytics::Feed;
 pub use observe::labels::{CloseReason, HandshakeOutcome};
 pub use observe::metrics::EdgeStats;
 pub use policy::answer::Answer;

@@ -53,14 +53,6 @@ CREATE TABLE IF NOT EXISTS wsedge.requests (
     batch_id String
 ) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (resource, ts);
 
--- Batches already stored, by id: an edge that retries a batch asks here first.
-CREATE TABLE IF NOT EXISTS wsedge.batches (
-    batch_id String,
-    edge_id String,
-    ts DateTime,
-    rows UInt32
-) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (edge_id, batch_id);
-
 -- The rollups: per bucket and dimension, bytes each way, tunnels opened and closed, and
 -- requests (SummingMergeTree adds rows of equal keys up; queries still sum, since merges
 -- happen when they do).

@@ -75,6 +75,23 @@ pub(super) fn build(
     Ok(config)
 }
 
+/// This machine's host name (the default edge id): `/proc/sys/kernel/hostname`, kept to
+/// what a label may hold; `edge` if there is none.
+fn host_name() -> String {
+    let name: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "edge".into()
+    } else {
+        name
+    }
+}
+
 /// `source.etcd` of the file in `text`, if it has one.
 pub(super) fn etcd_of(path: &Path, text: &str) -> Result<Option<EtcdSettings>, ConfigError> {
     let file = path.display().to_string();
@@ -149,6 +166,7 @@ impl Builder<'_> {
             ));
         }
         let (pingora_yaml, grace_period) = self.pingora(&f)?;
+        let analytics = self.analytics(&f)?;
         Ok(Config {
             source: path.to_path_buf(),
             text: self.text.into(),
@@ -170,7 +188,95 @@ impl Builder<'_> {
             warnings: self.warnings,
             etcd: None,
             store: None,
+            analytics,
         })
+    }
+
+    /// `analytics`: ClickHouse, the spill directory, the edge's name, the MaxMind files
+    /// (opened and checked now).
+    fn analytics(&self, f: &FileConfig) -> Result<Option<super::Analytics>, ConfigError> {
+        let Some(a) = &f.analytics else {
+            return Ok(None);
+        };
+        let c = &a.clickhouse;
+        let user = match (&c.user, &c.password_file) {
+            (None, None) => None,
+            (Some(u), None) => Some((u.clone(), Secret(String::new()))),
+            (Some(u), Some(p)) => {
+                let path = relative_to(self.base, p);
+                let password = super::read_text(&path)
+                    .map(|t| t.lines().next().unwrap_or("").to_string())
+                    .map_err(|why| {
+                        self.invalid(
+                            None,
+                            "analytics.clickhouse.password_file".into(),
+                            p,
+                            0,
+                            format!("cannot read {}: {why}", path.display()),
+                        )
+                    })?;
+                Some((u.clone(), Secret(password)))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    None,
+                    "analytics.clickhouse.password_file".into(),
+                    "password_file",
+                    0,
+                    "a password needs its `user`".into(),
+                ))
+            }
+        };
+        let geo_file = |key: &str, p: &Option<String>| -> Result<_, ConfigError> {
+            let Some(p) = p else { return Ok(None) };
+            let path = relative_to(self.base, p);
+            super::geo::Database::open(&path)
+                .map(|db| Some(Arc::new(db)))
+                .map_err(|why| {
+                    self.invalid(
+                        None,
+                        format!("analytics.geoip.{key}"),
+                        p,
+                        0,
+                        format!("{}: {why}", path.display()),
+                    )
+                })
+        };
+        let geoip = super::geo::GeoIp {
+            asn: geo_file("asn", &a.geoip.asn)?,
+            country: geo_file("country", &a.geoip.country)?,
+        };
+        Ok(Some(super::Analytics {
+            authority: c.url.0.clone(),
+            database: c
+                .database
+                .as_ref()
+                .map_or_else(|| "wsedge".to_string(), |d| d.0.clone()),
+            user,
+            batch: c
+                .batch
+                .map_or(super::DEFAULT_ANALYTICS_BATCH, |b| b.0 as usize),
+            flush: c
+                .flush
+                .as_ref()
+                .map_or(super::DEFAULT_ANALYTICS_FLUSH, |d| d.0),
+            timeout: c
+                .timeout
+                .as_ref()
+                .map_or(super::DEFAULT_ANALYTICS_TIMEOUT, |d| d.0),
+            spill_dir: relative_to(
+                self.base,
+                a.spill.path.as_deref().unwrap_or(super::DEFAULT_SPILL_DIR),
+            ),
+            spill_max: a.spill.max_size.map_or(super::DEFAULT_SPILL_MAX, |s| s.0),
+            edge_id: a.edge.id.as_ref().map_or_else(host_name, |l| l.0.clone()),
+            edge_region: a
+                .edge
+                .region
+                .as_ref()
+                .map_or_else(String::new, |l| l.0.clone()),
+            geoip,
+        }))
     }
 
     /// `source.etcd`: endpoints, TLS files (read when connecting), the user's password

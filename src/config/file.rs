@@ -41,6 +41,65 @@ pub struct FileConfig {
     pub source: Option<SourceFile>,
     #[serde(default)]
     pub resources: Vec<ResourceFile>,
+    /// Fleet statistics: rows to ClickHouse.
+    #[serde(default)]
+    pub analytics: Option<AnalyticsFile>,
+}
+
+/// `analytics`: where rows go, where they wait while ClickHouse is away, who this edge is,
+/// and the client's network from MaxMind databases.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsFile {
+    pub clickhouse: ClickHouseFile,
+    #[serde(default)]
+    pub spill: SpillFile,
+    #[serde(default)]
+    pub edge: EdgeFile,
+    #[serde(default)]
+    pub geoip: GeoIpFile,
+}
+
+/// `analytics.clickhouse`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseFile {
+    /// `http://host:port` of ClickHouse's HTTP interface.
+    pub url: ClickHouseUrl,
+    pub database: Option<Identifier>,
+    pub user: Option<String>,
+    pub password_file: Option<String>,
+    /// Rows per insert (default 10000).
+    pub batch: Option<Ranged<1, 1_000_000>>,
+    /// A batch not full is sent after this long (default 5s).
+    pub flush: Option<DurationStr>,
+    /// Each request to ClickHouse gets this long (default 10s).
+    pub timeout: Option<DurationStr>,
+}
+
+/// `analytics.spill`: the local directory batches wait in while ClickHouse is away.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpillFile {
+    pub path: Option<String>,
+    pub max_size: Option<ByteSize>,
+}
+
+/// `analytics.edge`: this edge's name and region in every row.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeFile {
+    pub id: Option<Label>,
+    pub region: Option<Label>,
+}
+
+/// `analytics.geoip`: MaxMind-format databases (GeoLite2-ASN, GeoLite2-Country or
+/// compatible).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoIpFile {
+    pub asn: Option<String>,
+    pub country: Option<String>,
 }
 
 /// `source: { etcd: {...} }`: resources and defaults from a configuration store.
@@ -534,6 +593,73 @@ macro_rules! parsed_string {
             }
         }
     };
+}
+
+parsed_string!(
+    /// ClickHouse's HTTP interface: `http://host:port` (no path, no user in it).
+    ClickHouseUrl(String) = parse_clickhouse_url
+);
+parsed_string!(
+    /// A ClickHouse database name: letters, digits and `_`, not starting with a digit.
+    Identifier(String) = parse_identifier
+);
+parsed_string!(
+    /// An edge's id or region: 1 to 64 of letters, digits, `.`, `-` and `_`.
+    Label(String) = parse_label
+);
+
+fn parse_clickhouse_url(s: &str) -> Result<String, String> {
+    let help = "write ClickHouse's HTTP interface as http://host:port, like http://10.0.0.7:8123";
+    if s.starts_with("https://") {
+        return Err(format!(
+            "\"{s}\": https is not supported towards ClickHouse yet; reach it over a private network or a local TLS proxy, as http://host:port"
+        ));
+    }
+    let Some(rest) = s.strip_prefix("http://") else {
+        return Err(format!("\"{s}\" is not an http:// URL: {help}"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.len() > 255
+        || !authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+    {
+        return Err(format!("\"{s}\" is not host:port: {help}"));
+    }
+    let port = authority.rsplit_once(':').map(|(_, p)| p);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(p)) if p > 0 => Ok(authority.to_string()),
+        _ => Err(format!("\"{s}\" has no port: {help}")),
+    }
+}
+
+fn parse_identifier(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "\"{s}\" is not a database name: 1 to 64 letters, digits and _, not starting with a digit"
+        ))
+    }
+}
+
+fn parse_label(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "\"{s}\" is not a label: 1 to 64 of letters, digits, '.', '-' and '_'"
+        ))
+    }
 }
 
 parsed_string!(

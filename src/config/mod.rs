@@ -6,6 +6,7 @@
 mod build;
 mod errors;
 mod file;
+pub mod geo;
 mod pem;
 pub mod store;
 
@@ -65,7 +66,48 @@ pub struct Config {
     pub etcd: Option<store::EtcdSettings>,
     /// What etcd held when this configuration was built from it.
     pub store: Option<Arc<store::Snapshot>>,
+    /// `analytics`: rows for fleet statistics, to ClickHouse.
+    pub analytics: Option<Analytics>,
 }
+
+/// `analytics`: where the edge's rows go and how they wait while ClickHouse is away.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analytics {
+    /// ClickHouse's HTTP interface, `host:port`.
+    pub authority: String,
+    /// The database the tables are in (`deploy/clickhouse/schema.sql`).
+    pub database: String,
+    /// ClickHouse's user and password, if not `default` without one.
+    pub user: Option<(String, store::Secret)>,
+    /// Rows per insert.
+    pub batch: usize,
+    /// A batch not full is sent after this long.
+    pub flush: Duration,
+    /// Each request to ClickHouse gets this long.
+    pub timeout: Duration,
+    /// The directory batches are spilled to while ClickHouse is away.
+    pub spill_dir: PathBuf,
+    /// The most the spill directory holds; rows beyond it are dropped (and counted).
+    pub spill_max: u64,
+    /// This edge's id in every row.
+    pub edge_id: String,
+    /// This edge's region in every row.
+    pub edge_region: String,
+    /// MaxMind-format databases for the client's ASN/ISP and country, read at load (so
+    /// a reload reads them again).
+    pub geoip: geo::GeoIp,
+}
+
+/// Rows per insert, when `analytics.clickhouse.batch` does not say.
+pub const DEFAULT_ANALYTICS_BATCH: usize = 10_000;
+/// The longest a row waits in a batch that is not full, when not configured.
+pub const DEFAULT_ANALYTICS_FLUSH: Duration = Duration::from_secs(5);
+/// Each request to ClickHouse, when not configured.
+pub const DEFAULT_ANALYTICS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where batches wait while ClickHouse is away, when not configured.
+pub const DEFAULT_SPILL_DIR: &str = "/var/lib/wsedge/analytics-spill";
+/// The spill directory's bound, when not configured.
+pub const DEFAULT_SPILL_MAX: u64 = 256 << 20;
 
 /// The admin listener and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]

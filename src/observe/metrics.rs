@@ -394,6 +394,11 @@ impl EdgeStats {
             .inc();
     }
 
+    /// Registers metrics of another part of the edge (analytics) in this registry.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(c)
+    }
+
     /// Seconds since the process started.
     pub fn uptime_seconds(&self) -> u64 {
         self.started.elapsed().as_secs()

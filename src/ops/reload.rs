@@ -57,6 +57,8 @@ pub struct Reloader {
     last: Mutex<Option<ReloadStatus>>,
     source: Mutex<SourceStatus>,
     access_log: Option<Arc<AccessLog>>,
+    /// The feed of fleet statistics, whose MaxMind databases a reload replaces.
+    analytics: Option<Arc<crate::observe::analytics::Feed>>,
     /// The grace period the process runs with (from the file it started with: Pingora
     /// reads it once), which every reloaded `drain.spread` must still fit in.
     grace: std::time::Duration,
@@ -91,12 +93,22 @@ impl Reloader {
             busy: Mutex::new(()),
             last: Mutex::new(None),
             access_log: None,
+            analytics: None,
         }
     }
 
     /// Also reopens `log` (a file moved away by log rotation) on every reload.
     pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Reloader {
         self.access_log = Some(log);
+        self
+    }
+
+    /// Gives `feed` the MaxMind databases of every configuration applied.
+    pub fn with_analytics(
+        mut self,
+        feed: Option<Arc<crate::observe::analytics::Feed>>,
+    ) -> Reloader {
+        self.analytics = feed;
         self
     }
 
@@ -188,6 +200,18 @@ impl Reloader {
             Ok(Err(e)) => return Err(format!("{failed}, still serving the previous configuration: {e}")),
             Ok(Ok(built)) => built,
         };
+        let fixed = |c: &Config| {
+            c.analytics.clone().map(|mut a| {
+                a.geoip = Default::default();
+                a
+            })
+        };
+        if fixed(&new) != fixed(&served) {
+            return Err(format!(
+                "{failed}, still serving the previous configuration: {}: analytics changes take effect only with a restart (but for geoip, read again at every reload)",
+                self.path.display()
+            ));
+        }
         if new.drain.spread + DRAIN_CLOSING > self.grace {
             return Err(format!(
                 "{failed}, still serving the previous configuration: {}: drain.spread ({}s) and the closing handshakes after it ({}s) do not fit in the grace period this process runs with ({}s): pingora.grace_period_seconds changes only with a restart",
@@ -203,6 +227,9 @@ impl Reloader {
         self.lasting.drain.set_settings(new.drain);
         if let Some(log) = &self.access_log {
             log.reopen(&new.access_log);
+        }
+        if let (Some(feed), Some(a)) = (&self.analytics, &new.analytics) {
+            feed.set_geoip(&a.geoip);
         }
         for w in &new.warnings {
             log::warn!("{w}");

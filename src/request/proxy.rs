@@ -7,6 +7,7 @@ use super::session::{
 };
 use crate::config::Resource;
 use crate::observe::access_log::{AccessLog, JsonLine};
+use crate::observe::analytics::{Feed, RequestRow, Row};
 use crate::observe::labels::HandshakeOutcome;
 use crate::observe::metrics::EdgeStats;
 use crate::policy::answer::Answer;
@@ -41,6 +42,7 @@ pub struct EdgeProxy {
     connector: Connector,
     unbuffered_listeners: bool,
     drain: Arc<Drain>,
+    analytics: Option<Arc<Feed>>,
 }
 
 /// Per-request state.
@@ -86,7 +88,15 @@ impl EdgeProxy {
             connector: Connector::new(None),
             unbuffered_listeners: false,
             drain: Arc::new(Drain::default()),
+            analytics: None,
         }
+    }
+
+    /// Hands a row for fleet statistics to `feed` for each plain request and each closed
+    /// tunnel (by default there is none).
+    pub fn with_analytics(mut self, feed: Option<Arc<Feed>>) -> EdgeProxy {
+        self.analytics = feed;
+        self
     }
 
     /// Takes part in `drain`: upgrades are refused (503) while it runs, and tunnels are
@@ -185,6 +195,7 @@ impl EdgeProxy {
                 site: site.stats.clone(),
                 log: self.log.clone(),
                 metrics: self.metrics,
+                analytics: self.analytics.clone(),
             },
             slot: admitted.slot,
             drain: Some(self.drain.clone()),
@@ -425,6 +436,23 @@ impl ProxyHttp for EdgeProxy {
         }
         if self.log.enabled() {
             self.log_request(session, ctx, status);
+        }
+        if let Some(feed) = &self.analytics {
+            let req = session.req_header();
+            feed.push(Row::Request(RequestRow {
+                ts: ctx.received,
+                resource: ctx
+                    .site
+                    .as_ref()
+                    .map_or_else(String::new, |s| s.resource.name.clone()),
+                hostname: client_host(req).to_string(),
+                method: req.method.as_str().to_string(),
+                status,
+                client_ip: client_ip(session),
+                bytes_in: session.body_bytes_read() as u64,
+                bytes_out: session.body_bytes_sent() as u64,
+                duration_ms: ctx.started.elapsed().as_millis() as u64,
+            }));
         }
     }
 }

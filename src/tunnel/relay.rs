@@ -1042,6 +1042,7 @@ mod tests {
             site,
             log: Arc::new(AccessLog::off()),
             metrics: true,
+            analytics: None,
         };
         let info = TunnelInfo {
             resource: "t".into(),

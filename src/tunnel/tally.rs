@@ -5,6 +5,7 @@
 use super::closing::Side;
 use super::frames::Fed;
 use crate::observe::access_log::{AccessLog, JsonLine};
+use crate::observe::analytics::{Feed, Row, TunnelRow};
 use crate::observe::labels::{CloseReason, HeartbeatResult};
 use crate::observe::metrics::ResourceStats;
 use crate::policy::limits::Slot;
@@ -44,6 +45,8 @@ pub struct Reporting {
     pub log: Arc<AccessLog>,
     /// Count bytes and messages into metrics as they pass (and parse frame headers).
     pub metrics: bool,
+    /// Where the tunnel's row for fleet statistics goes, if anywhere.
+    pub analytics: Option<Arc<Feed>>,
 }
 
 /// One direction's accounting.
@@ -192,6 +195,23 @@ impl Drop for TunnelGuard {
             // Bytes were not added chunk by chunk: add them now.
             self.report.site.bytes_c2o.inc_by(self.c2o.bytes);
             self.report.site.bytes_o2c.inc_by(self.o2c.bytes);
+        }
+        if let Some(feed) = &self.report.analytics {
+            feed.push(Row::Tunnel(TunnelRow {
+                closed: SystemTime::now(),
+                opened: self.opened_at,
+                resource: self.info.resource.clone(),
+                hostname: self.info.host.clone(),
+                protocol: if self.info.h2 { "h2" } else { "http/1.1" },
+                status: if self.info.h2 { 200 } else { 101 },
+                close_reason: reason.as_str(),
+                client_ip: self.info.client_ip,
+                bytes_in: self.c2o.bytes,
+                bytes_out: self.o2c.bytes,
+                messages_in: self.c2o.messages,
+                messages_out: self.o2c.messages,
+                duration_ms: self.started.elapsed().as_millis() as u64,
+            }));
         }
         if !self.report.log.enabled() {
             return;

@@ -4,8 +4,15 @@
 //! without harm; the prune drops only the partitions past each table's retention.
 
 use crate::common::*;
+use futures_util::StreamExt;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 
 /// 2026-11-28 00:00:00 UTC.
 const START: u64 = 1795824000;
@@ -215,4 +222,271 @@ fn the_prune_drops_only_partitions_past_each_tables_retention() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach ClickHouse"));
+}
+
+// ---- 18, the edges' feed: real wsedge processes sending to a real ClickHouse ----
+
+/// An edge's file: resource `chat` (WebSockets to `ws_origin`) and `web` (plain HTTP to
+/// `web_origin`), analytics to `ch`'s `database` as edge `id` in `region`.
+fn fleet_yaml(
+    ch: &ClickHouse,
+    database: &str,
+    ws_origin: SocketAddr,
+    web_origin: SocketAddr,
+    id: &str,
+    region: &str,
+    analytics_extra: &str,
+) -> String {
+    format!(
+        r#"
+listen: {{ http: ["127.0.0.1:0"] }}
+pingora: {{ grace_period_seconds: 10 }}
+drain: {{ spread: 1s }}
+analytics:
+  clickhouse: {{ url: "{}", database: {database}, batch: 50, flush: 200ms, timeout: 2s }}
+  edge: {{ id: {id}, region: {region} }}
+{analytics_extra}
+resources:
+  - name: chat
+    hostnames: ["chat.test"]
+    origin: {{ servers: [{{ address: "{ws_origin}" }}] }}
+    websocket: {{ idle_timeout: 30s }}
+  - name: web
+    hostnames: ["web.test"]
+    origin: {{ servers: [{{ address: "{web_origin}" }}] }}
+"#,
+        ch.url()
+    )
+}
+
+/// What clients saw through one edge.
+#[derive(Default, Debug, PartialEq)]
+struct Seen {
+    /// Bytes each way after the 101, summed over tunnels.
+    c2o: u64,
+    o2c: u64,
+    tunnels: u64,
+    /// Plain requests by (resource, status): count and body bytes received.
+    requests: BTreeMap<(String, u16), (u64, u64)>,
+}
+
+/// `n` tunnels to `chat.test`, each echoing `messages` messages of growing sizes and closed
+/// by the client; their bytes as the client counted them.
+async fn tunnels_through(edge: &Edge, n: usize, messages: usize, seen: &mut Seen) {
+    for t in 0..n {
+        let stream = Counted::connect(edge.addr).await;
+        let (read, written) = (stream.read.clone(), stream.written.clone());
+        let mut req = format!("ws://{}/ws", edge.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("chat.test"));
+        let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(req, stream))
+            .await
+            .unwrap();
+        let (r0, w0) = (read.load(Ordering::SeqCst), written.load(Ordering::SeqCst));
+        for m in 0..messages {
+            let body = pattern(1 + (t * 37 + m * 101) % 300, m as u8);
+            assert_eq!(
+                echo_once(&mut ws, Message::binary(body.clone())).await,
+                Message::binary(body)
+            );
+        }
+        within(
+            "close",
+            ws.close(Some(CloseFrame {
+                code: 1000.into(),
+                reason: "".into(),
+            })),
+        )
+        .await
+        .unwrap();
+        while let Some(Ok(_)) = within("close answer", ws.next()).await {}
+        seen.c2o += (written.load(Ordering::SeqCst) - w0) as u64;
+        seen.o2c += (read.load(Ordering::SeqCst) - r0) as u64;
+        seen.tunnels += 1;
+    }
+}
+
+/// `n` plain GETs for `host` (`web.test`, or a host no resource has); statuses and body
+/// bytes as the client got them.
+async fn requests_through(edge: &Edge, host: &str, n: usize, seen: &mut Seen) {
+    for _ in 0..n {
+        let answer = raw_request(
+            edge.addr,
+            &format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let body = answer.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len()) as u64;
+        let resource = if host == "web.test" { "web" } else { "" };
+        let e = seen
+            .requests
+            .entry((resource.to_string(), status(&answer)))
+            .or_default();
+        e.0 += 1;
+        e.1 += body;
+    }
+}
+
+/// Waits (up to `limit`) until `sql` answers `want`; the last answer.
+fn until_number(ch: &ClickHouse, sql: &str, want: u64, limit: Duration) -> u64 {
+    let end = Instant::now() + limit;
+    loop {
+        let got = ch
+            .query(sql, "")
+            .map_or(0, |a| a.trim().parse().unwrap_or(0));
+        if got == want || Instant::now() > end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Per (resource, status): requests and bytes out, from `table` (raw `requests` or a
+/// rollup).
+fn requests_by_status(
+    ch: &ClickHouse,
+    db: &str,
+    table: &str,
+    region: &str,
+) -> BTreeMap<(String, u16), (u64, u64)> {
+    let count = if table == "requests" {
+        "count()"
+    } else {
+        "sum(requests)"
+    };
+    let sql = format!(
+        "SELECT resource, status, {count}, sum(bytes_out) FROM {db}.{table} WHERE edge_region = '{region}' GROUP BY resource, status HAVING {count} > 0 ORDER BY resource, status FORMAT TSV"
+    );
+    let mut out = BTreeMap::new();
+    for line in ch.query(&sql, "").unwrap().lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        out.insert(
+            (f[0].to_string(), f[1].parse().unwrap()),
+            (f[2].parse().unwrap(), f[3].parse().unwrap()),
+        );
+    }
+    out
+}
+
+/// Tunnels and bytes of `region` from `table`: (tunnels, bytes in, bytes out).
+fn tunnel_sums(ch: &ClickHouse, db: &str, table: &str, region: &str) -> (u64, u64, u64) {
+    let (n, filter) = if table == "tunnels" {
+        ("count()", "1")
+    } else {
+        ("sum(tunnels_closed)", "resource = 'chat'")
+    };
+    let sql = format!(
+        "SELECT {n}, sum(bytes_in), sum(bytes_out) FROM {db}.{table} WHERE edge_region = '{region}' AND {filter} FORMAT TSV"
+    );
+    let a = ch.query(&sql, "").unwrap();
+    let f: Vec<u64> = a
+        .trim()
+        .split('\t')
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    (f[0], f[1], f[2])
+}
+
+fn metric_of(text: &str, result: &str) -> u64 {
+    metric(
+        text,
+        &format!("wsedge_analytics_rows_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0) as u64
+}
+
+async fn rows_metric(edge: &Edge, result: &str) -> u64 {
+    let (_, text) = edge.admin_request("GET", "/metrics").await;
+    metric_of(&text, result)
+}
+
+/// Waits (bounded) until `wsedge_analytics_rows_total{result}` is `want`; the last value.
+async fn until_metric(edge: &Edge, result: &str, want: u64) -> u64 {
+    let end = Instant::now() + STEP;
+    loop {
+        let got = rows_metric(edge, result).await;
+        if got == want || Instant::now() > end {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_in_two_regions_send_exactly_what_their_clients_saw() {
+    let ch = ClickHouse::start();
+    ch.migrate("fleet");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let eu = Edge::start(&fleet_yaml(
+        &ch,
+        "fleet",
+        ws_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        "",
+    ));
+    let us = Edge::start(&fleet_yaml(
+        &ch,
+        "fleet",
+        ws_origin.addr,
+        web_origin.addr,
+        "e2",
+        "us",
+        "",
+    ));
+
+    let (mut seen_eu, mut seen_us) = (Seen::default(), Seen::default());
+    tunnels_through(&eu, 12, 5, &mut seen_eu).await;
+    tunnels_through(&us, 7, 3, &mut seen_us).await;
+    requests_through(&eu, "web.test", 40, &mut seen_eu).await;
+    requests_through(&eu, "nobody.test", 9, &mut seen_eu).await;
+    requests_through(&us, "web.test", 23, &mut seen_us).await;
+    let rows_eu = seen_eu.tunnels + 49;
+    let rows_us = seen_us.tunnels + 23;
+
+    for (edge, region, rows) in [(&eu, "eu", rows_eu), (&us, "us", rows_us)] {
+        let sql = format!(
+            "SELECT (SELECT count() FROM fleet.tunnels WHERE edge_region = '{region}') + (SELECT count() FROM fleet.requests WHERE edge_region = '{region}')"
+        );
+        let got = until_number(&ch, &sql, rows, STEP);
+        assert_eq!(
+            got,
+            rows,
+            "{region}: rows in ClickHouse\nlog:\n{}",
+            edge.log_text()
+        );
+        // Counted once ClickHouse answered (its rows can be seen a moment before).
+        assert_eq!(until_metric(edge, "sent", rows).await, rows);
+        assert_eq!(rows_metric(edge, "dropped").await, 0);
+    }
+    for (region, seen, id) in [("eu", &seen_eu, "e1"), ("us", &seen_us, "e2")] {
+        // The raw rows and every rollup: the bytes each way the clients counted, the
+        // tunnels they opened, and the statuses of their requests.
+        for table in ["tunnels", "traffic_5m", "traffic_1h", "traffic_1d"] {
+            assert_eq!(
+                tunnel_sums(&ch, "fleet", table, region),
+                (seen.tunnels, seen.c2o, seen.o2c),
+                "{region}: {table}"
+            );
+        }
+        for table in ["requests", "traffic_5m", "traffic_1h", "traffic_1d"] {
+            assert_eq!(
+                requests_by_status(&ch, "fleet", table, region),
+                seen.requests,
+                "{region}: {table}"
+            );
+        }
+        let opened = ch.number(&format!(
+            "SELECT sum(tunnels_opened) FROM fleet.traffic_1h WHERE edge_region = '{region}' AND status = 101"
+        ));
+        assert_eq!(opened, seen.tunnels);
+        // Every row names its edge, and its batch.
+        let other = ch.number(&format!(
+            "SELECT count() FROM fleet.tunnels WHERE edge_region = '{region}' AND (edge_id != '{id}' OR batch_id = '' OR close_reason != 'client_closed' OR hostname != 'chat.test')"
+        ));
+        assert_eq!(other, 0);
+    }
 }

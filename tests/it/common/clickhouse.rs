@@ -44,36 +44,55 @@ impl ClickHouse {
                 .replacen("</yandex>", "<timezone>UTC</timezone></yandex>", 1);
             std::fs::write(dir.join("config.xml"), config).unwrap();
             std::fs::copy("/etc/clickhouse-server/users.xml", dir.join("users.xml")).unwrap();
-            let mut child = Command::new("clickhouse-server")
-                .arg(format!(
-                    "--config-file={}",
-                    dir.join("config.xml").display()
-                ))
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn clickhouse-server");
             let addr = SocketAddr::from(([127, 0, 0, 1], http));
-            let started = Instant::now();
-            while started.elapsed() < STEP * 2 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if get(addr, "/ping").is_ok_and(|b| b.starts_with("Ok.")) {
-                    return ClickHouse {
-                        child,
-                        http: addr,
-                        dir,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(100));
+            if let Some(child) = spawn_ready(&dir, addr) {
+                return ClickHouse {
+                    child,
+                    http: addr,
+                    dir,
+                };
             }
-            let _ = child.kill();
-            let _ = child.wait();
             let _ = std::fs::remove_dir_all(&dir);
         }
         panic!("clickhouse-server did not start on free ports five times");
+    }
+
+    /// Stops the server (SIGKILL: what it had acknowledged is on disk).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        for _ in 0..5 {
+            if let Some(child) = spawn_ready(&self.dir, self.http) {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("clickhouse-server did not start again on {}", self.http);
+    }
+
+    /// Applies deploy/clickhouse/schema.sql to `database` with scripts/clickhouse-migrate.
+    pub fn migrate(&self, database: &str) {
+        let out = Command::new("scripts/clickhouse-migrate")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["--url", &self.url(), "--database", database])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A number a query answers (0 for an empty answer), the query's error as a panic.
+    pub fn number(&self, sql: &str) -> u64 {
+        let answer = self.query(sql, "").unwrap_or_else(|e| panic!("{sql}: {e}"));
+        answer.trim().parse().unwrap_or(0)
     }
 
     /// Runs `sql` (with `body` after it, for an INSERT's rows); the answer, or
@@ -102,6 +121,33 @@ impl Drop for ClickHouse {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// clickhouse-server from the configuration in `dir`, once `/ping` answers at `addr`.
+fn spawn_ready(dir: &std::path::Path, addr: SocketAddr) -> Option<Child> {
+    let mut child = Command::new("clickhouse-server")
+        .arg(format!(
+            "--config-file={}",
+            dir.join("config.xml").display()
+        ))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clickhouse-server");
+    let started = Instant::now();
+    while started.elapsed() < STEP * 2 {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if get(addr, "/ping").is_ok_and(|b| b.starts_with("Ok.")) {
+            return Some(child);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
