@@ -490,3 +490,288 @@ async fn two_edges_in_two_regions_send_exactly_what_their_clients_saw() {
         assert_eq!(other, 0);
     }
 }
+
+/// The spill directory's files.
+fn spill_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "batch"));
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_away_for_thirty_seconds_under_traffic_loses_and_repeats_no_row() {
+    let mut ch = ClickHouse::start();
+    ch.migrate("f");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let spill = scratch_dir("spill");
+    let extra = format!(
+        "  spill: {{ path: \"{}\", max_size: 64MiB }}",
+        spill.display()
+    );
+    let edge = Edge::start(&fleet_yaml(
+        &ch,
+        "f",
+        ws_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    ));
+    let mut seen = Seen::default();
+    requests_through(&edge, "web.test", 20, &mut seen).await;
+    // Stored and answered (ClickHouse does not make an insert and its views' inserts one:
+    // stopped between them, the rollups would miss rows the raw table has).
+    assert_eq!(until_metric(&edge, "sent", 20).await, 20);
+
+    // Away for 30 s while clients keep coming: a request every 100 ms, a tunnel every 2 s.
+    ch.stop();
+    let away = Instant::now();
+    let mut n = 0;
+    while away.elapsed() < Duration::from_secs(30) && n < 400 {
+        requests_through(&edge, "web.test", 1, &mut seen).await;
+        if n % 20 == 0 {
+            tunnels_through(&edge, 1, 2, &mut seen).await;
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the two batches kept in memory, the rows wait on disk.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spilled = rows_metric(&edge, "spilled").await;
+    let files = spill_files(&spill);
+    assert!(
+        spilled > 0 && !files.is_empty(),
+        "spilled {spilled}, files {files:?}"
+    );
+    // One spilled batch kept aside, to hand back once it has been sent.
+    let kept = std::fs::read(&files[0]).unwrap();
+
+    ch.restart();
+    let requests: u64 = seen.requests.values().map(|v| v.0).sum();
+    let rows = requests + seen.tunnels;
+    let sql = "SELECT (SELECT count() FROM f.requests) + (SELECT count() FROM f.tunnels)";
+    // Sent again within the longest backoff (10 s) and the replay.
+    let got = until_number(&ch, sql, rows, Duration::from_secs(40));
+    assert_eq!(got, rows, "log:\n{}", edge.log_text());
+    assert_eq!(until_metric(&edge, "sent", rows).await, rows);
+    assert_eq!(rows_metric(&edge, "dropped").await, 0);
+    // Each row once, in the rollups too.
+    assert_eq!(
+        requests_by_status(&ch, "f", "traffic_5m", "eu"),
+        seen.requests
+    );
+    assert_eq!(
+        tunnel_sums(&ch, "f", "traffic_1h", "eu"),
+        (seen.tunnels, seen.c2o, seen.o2c)
+    );
+    assert!(spill_files(&spill).is_empty());
+    let logged = edge.log_text();
+    assert!(logged.contains("ClickHouse takes rows again"), "{logged}");
+
+    // The batch kept aside comes back, as from a process that is gone: it is looked up
+    // by its id, found, and not stored twice.
+    let header = String::from_utf8_lossy(&kept[..kept.iter().position(|&b| b == b'\n').unwrap()])
+        .into_owned();
+    let batch_rows: u64 = header.split('\t').nth(2).unwrap().parse().unwrap();
+    let back = spill.join("00000000000000001-0999999999-0000000001.batch");
+    std::fs::write(&back, &kept).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while back.exists() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!back.exists(), "the returned batch was not taken up");
+    assert_eq!(
+        until_metric(&edge, "sent", rows + batch_rows).await,
+        rows + batch_rows
+    );
+    assert_eq!(ch.number(sql), rows, "a batch was stored twice");
+    let _ = std::fs::remove_dir_all(&spill);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_spill_bound_rows_are_dropped_and_counted_exactly() {
+    let mut ch = ClickHouse::start();
+    ch.migrate("b");
+    ch.stop();
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let spill = scratch_dir("spill");
+    // About 300 bytes a row, 10 rows a batch: two batches fit in 8 KiB.
+    let extra = format!(
+        "  spill: {{ path: \"{}\", max_size: 8KiB }}",
+        spill.display()
+    );
+    let yaml = fleet_yaml(
+        &ch,
+        "b",
+        web_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    )
+    .replace("batch: 50", "batch: 10");
+    let edge = Edge::start(&yaml);
+    let mut seen = Seen::default();
+    requests_through(&edge, "web.test", 200, &mut seen).await;
+    // Every row has been sealed into a batch (flush 200 ms) and is in memory, on disk or
+    // dropped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dropped = rows_metric(&edge, "dropped").await;
+    assert!(dropped > 0, "nothing dropped");
+    assert!(dropped < 200);
+    assert_eq!(dropped % 10, 0, "whole batches are dropped");
+    let on_disk: u64 = spill_files(&spill)
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert!(on_disk <= 8192, "{on_disk} bytes in the spill directory");
+
+    ch.restart();
+    let kept = 200 - dropped;
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT count() FROM b.requests",
+            kept,
+            Duration::from_secs(40)
+        ),
+        kept,
+        "log:\n{}",
+        edge.log_text()
+    );
+    assert_eq!(until_metric(&edge, "sent", kept).await, kept);
+    assert_eq!(rows_metric(&edge, "dropped").await, dropped);
+    let _ = std::fs::remove_dir_all(&spill);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_refusing_rows_is_logged_once_a_minute_counted_and_the_edge_serves_on() {
+    let ch = ClickHouse::start();
+    ch.migrate("ok");
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("creds");
+    let password = dir.join("password");
+    std::fs::write(&password, "not-the-password\n").unwrap();
+    // A user ClickHouse does not know.
+    let extra = format!("  spill: {{ path: \"{}\" }}", dir.join("spill-a").display());
+    let yaml = fleet_yaml(
+        &ch,
+        "ok",
+        web_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    )
+    .replace(
+        "database: ok,",
+        &format!(
+            "database: ok, user: intruder, password_file: \"{}\",",
+            password.display()
+        ),
+    );
+    let refused = Edge::start(&yaml);
+    // A database that has no tables (yet).
+    let extra = format!("  spill: {{ path: \"{}\" }}", dir.join("spill-b").display());
+    let missing = Edge::start(&fleet_yaml(
+        &ch,
+        "later",
+        web_origin.addr,
+        web_origin.addr,
+        "e2",
+        "eu",
+        &extra,
+    ));
+    let mut seen = Seen::default();
+    for edge in [&refused, &missing] {
+        requests_through(edge, "web.test", 20, &mut seen).await;
+    }
+    // Every client was served.
+    assert_eq!(
+        seen.requests.get(&("web".to_string(), 200)),
+        Some(&(40, 40 * 16))
+    );
+    // Tried again and again (0.5 s, 1 s, 2 s...), logged once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (edge, says) in [(&refused, "intruder"), (&missing, "later")] {
+        let (_, text) = edge.admin_request("GET", "/metrics").await;
+        let errors = metric(&text, "wsedge_analytics_errors_total").unwrap_or(0.0);
+        assert!(errors >= 3.0, "{errors} failures counted");
+        let log = edge.log_text();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("not stored")).collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(lines[0].contains(says), "{}", lines[0]);
+        assert_eq!(metric_of(&text, "sent"), 0);
+    }
+    // Once the tables are there, the rows held back arrive.
+    ch.migrate("later");
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT count() FROM later.requests",
+            20,
+            Duration::from_secs(30)
+        ),
+        20
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_stopped_and_started_again_loses_no_row_it_counted() {
+    let ch = ClickHouse::start();
+    ch.migrate("r");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let spill = scratch_dir("spill");
+    // Rows stay in memory (a batch is sent after an hour or 10000 rows).
+    let extra = format!("  spill: {{ path: \"{}\" }}", spill.display());
+    let yaml = fleet_yaml(
+        &ch,
+        "r",
+        ws_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    )
+    .replace("batch: 50, flush: 200ms", "batch: 10000, flush: 1h");
+    let mut edge = Edge::start(&yaml);
+    let mut seen = Seen::default();
+    tunnels_through(&edge, 4, 2, &mut seen).await;
+    requests_through(&edge, "web.test", 25, &mut seen).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ch.number("SELECT count() FROM r.requests"), 0);
+    edge.signal("TERM");
+    assert!(edge.wait_exit(STEP), "{}", edge.log_text());
+    assert!(!spill_files(&spill).is_empty(), "{}", edge.log_text());
+    assert_eq!(ch.number("SELECT count() FROM r.requests"), 0);
+
+    // The next process sends what the last one spilled.
+    let again = Edge::start(&yaml);
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT count() FROM r.requests",
+            25,
+            Duration::from_secs(20)
+        ),
+        25,
+        "{}",
+        again.log_text()
+    );
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM r.tunnels", 4, STEP),
+        4
+    );
+    assert_eq!(
+        tunnel_sums(&ch, "r", "tunnels", "eu"),
+        (seen.tunnels, seen.c2o, seen.o2c)
+    );
+    assert!(spill_files(&spill).is_empty());
+    let _ = std::fs::remove_dir_all(&spill);
+}

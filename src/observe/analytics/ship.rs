@@ -2,7 +2,7 @@
 //! feed's queue into a batch per table, seals a batch when it has `batch` rows or is
 //! `flush` old, and keeps at most [`OUTBOX`] sealed batches in memory (older ones go to the
 //! spill directory). The sender sends the oldest batch there is, spilled ones first, one
-//! at a time, and on a failure waits (0.5 s doubling to 30 s) and tries the same batch
+//! at a time, and on a failure waits (0.5 s doubling to 10 s) and tries the same batch
 //! again, so batches arrive in the order they were sealed.
 
 use super::clickhouse::{literal, Client, Failure};
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 /// Sealed batches kept in memory; older ones wait in the spill directory.
 pub const OUTBOX: usize = 2;
 /// The longest wait between two tries of a batch.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// A failure of the same kind is logged at most this often.
