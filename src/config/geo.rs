@@ -14,6 +14,9 @@ pub const MAX_DATABASE_BYTES: u64 = 512 << 20;
 pub struct Database {
     reader: maxminddb::Reader<Vec<u8>>,
     kind: String,
+    /// A lookup panicked in the reader (a file malformed past what `open` saw): the
+    /// database is not asked again.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Database {
@@ -43,11 +46,61 @@ impl Database {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let reader = maxminddb::Reader::from_source(bytes)
+        // The reader trusts the file's offsets (a hostile one makes it index past the
+        // end): opening and a few lookups are tried under `catch_unwind`.
+        let malformed = "not a MaxMind-format database: its structure is malformed";
+        let reader = quietly(|| maxminddb::Reader::from_source(bytes))
+            .ok_or(malformed)?
             .map_err(|e| format!("not a MaxMind-format database: {e}"))?;
+        let probes = [
+            "1.1.1.1",
+            "127.0.0.1",
+            "10.0.0.1",
+            "192.168.1.1",
+            "::1",
+            "2001:db8::1",
+        ];
+        for ip in probes {
+            let ip: IpAddr = ip.parse().expect("a valid address");
+            quietly(|| {
+                let _ = reader.lookup::<AsnRecord>(ip);
+                let _ = reader.lookup::<CountryRecord>(ip);
+            })
+            .ok_or(malformed)?;
+        }
         let kind = reader.metadata.database_type.clone();
-        Ok(Database { reader, kind })
+        Ok(Database {
+            reader,
+            kind,
+            broken: Default::default(),
+        })
     }
+
+    /// `f` over the reader, `None` if the reader panicked (the database is then set
+    /// aside, and said so once).
+    fn ask<T>(&self, f: impl FnOnce(&maxminddb::Reader<Vec<u8>>) -> Option<T>) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        match quietly(|| f(&self.reader)) {
+            Some(v) => v,
+            None => {
+                if !self.broken.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "geoip: the {} database is malformed where a lookup went; not used until a reload reads a good one",
+                        self.kind
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// `f()`, or `None` if it panicked.
+fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
 }
 
 /// The databases in use.
@@ -109,7 +162,7 @@ impl GeoIp {
     pub fn lookup(&self, ip: IpAddr) -> Network {
         let mut n = Network::default();
         if let Some(db) = &self.asn {
-            if let Ok(Some(r)) = db.reader.lookup::<AsnRecord>(ip) {
+            if let Some(r) = db.ask(|r| r.lookup::<AsnRecord>(ip).ok().flatten()) {
                 n.asn = r.autonomous_system_number.unwrap_or(0);
                 let org = r.autonomous_system_organization.unwrap_or_default();
                 n.isp = match (n.asn, org.is_empty()) {
@@ -120,7 +173,7 @@ impl GeoIp {
             }
         }
         if let Some(db) = &self.country {
-            if let Ok(Some(r)) = db.reader.lookup::<CountryRecord>(ip) {
+            if let Some(r) = db.ask(|r| r.lookup::<CountryRecord>(ip).ok().flatten()) {
                 n.country = r
                     .country
                     .and_then(|c| c.iso_code)

@@ -775,3 +775,291 @@ async fn an_edge_stopped_and_started_again_loses_no_row_it_counted() {
     assert!(spill_files(&spill).is_empty());
     let _ = std::fs::remove_dir_all(&spill);
 }
+
+/// A plain GET for `web.test` from the source address `from`; its status.
+async fn request_from(edge: &Edge, from: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = within("connect", socket.connect(edge.addr)).await.unwrap();
+    within(
+        "write",
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    within("read", s.read_to_end(&mut answer)).await.unwrap();
+    status(&String::from_utf8_lossy(&answer))
+}
+
+fn asn_database(first: (u32, &str)) -> Vec<u8> {
+    use mmdb::*;
+    ipv4_database(
+        "GeoLite2-ASN",
+        &[
+            (
+                "127.0.0.0/24",
+                map(&[
+                    ("autonomous_system_number", Value::U32(first.0)),
+                    ("autonomous_system_organization", s(first.1)),
+                ]),
+            ),
+            (
+                "127.0.1.0/24",
+                map(&[
+                    ("autonomous_system_number", Value::U32(64501)),
+                    // A hostile name: control characters are not kept.
+                    ("autonomous_system_organization", s("Other\u{7}\nNet")),
+                ]),
+            ),
+            // A record of another shape: known as nothing.
+            (
+                "127.0.2.0/24",
+                map(&[("autonomous_system_number", s("not a number"))]),
+            ),
+        ],
+    )
+}
+
+fn country_database() -> Vec<u8> {
+    use mmdb::*;
+    ipv4_database(
+        "GeoLite2-City",
+        &[
+            (
+                "127.0.0.0/24",
+                map(&[
+                    ("country", map(&[("iso_code", s("DE"))])),
+                    (
+                        "subdivisions",
+                        Value::Array(vec![map(&[("iso_code", s("BY"))])]),
+                    ),
+                ]),
+            ),
+            (
+                "127.0.1.0/24",
+                map(&[("country", map(&[("iso_code", s("FR"))]))]),
+            ),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_isp_and_country_come_from_maxmind_databases_read_again_at_reload() {
+    let ch = ClickHouse::start();
+    ch.migrate("g");
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("geo");
+    let (asn, country) = (dir.join("asn.mmdb"), dir.join("country.mmdb"));
+    std::fs::write(&asn, asn_database((64500, "Loopback Telecom"))).unwrap();
+    std::fs::write(&country, country_database()).unwrap();
+    let extra = format!(
+        "  spill: {{ path: \"{}\" }}\n  geoip: {{ asn: \"{}\", country: \"{}\" }}",
+        dir.join("spill").display(),
+        asn.display(),
+        country.display()
+    );
+    let edge = Edge::start(&fleet_yaml(
+        &ch,
+        "g",
+        web_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    ));
+    for from in [
+        "127.0.0.1",
+        "127.0.0.1",
+        "127.0.1.5",
+        "127.0.2.9",
+        "127.0.3.1",
+    ] {
+        assert_eq!(request_from(&edge, from).await, 200);
+    }
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM g.requests", 5, STEP),
+        5
+    );
+    let rows = |sql: &str| ch.query(sql, "").unwrap();
+    let by = "SELECT client_asn, isp, client_country, client_region, count() FROM g.requests GROUP BY client_asn, isp, client_country, client_region ORDER BY client_asn, isp FORMAT TSV";
+    assert_eq!(
+        rows(by),
+        "0\t\t\t\t2\n".to_string()
+            + "64500\tAS64500 Loopback Telecom\tDE\tDE-BY\t2\n"
+            + "64501\tAS64501 OtherNet\tFR\tFR\t1\n",
+    );
+
+    // A new ASN database, read by a reload.
+    std::fs::write(&asn, asn_database((64999, "Renamed Carrier"))).unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(request_from(&edge, "127.0.0.1").await, 200);
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM g.requests", 6, STEP),
+        6
+    );
+    assert_eq!(
+        rows("SELECT isp FROM g.requests WHERE client_asn = 64999 FORMAT TSV"),
+        "AS64999 Renamed Carrier\n"
+    );
+    // By ISP in the rollups, as /stats asks.
+    assert_eq!(
+        rows("SELECT isp, sum(requests) FROM g.traffic_1d GROUP BY isp ORDER BY isp FORMAT TSV"),
+        "\t2\nAS64500 Loopback Telecom\t2\nAS64501 OtherNet\t1\nAS64999 Renamed Carrier\t1\n"
+    );
+
+    // A database that is not one: the reload is refused and the old one serves on.
+    std::fs::write(&asn, b"\xAB\xCD\xEFMaxMind.com garbage").unwrap();
+    let (status, body) = edge.admin_request("POST", "/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("analytics.geoip.asn"), "{body}");
+    assert_eq!(request_from(&edge, "127.0.0.1").await, 200);
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM g.requests", 7, STEP),
+        7
+    );
+    assert_eq!(
+        rows("SELECT isp FROM g.requests WHERE client_asn = 64999 FORMAT TSV"),
+        "AS64999 Renamed Carrier\nAS64999 Renamed Carrier\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hostile_analytics_settings_are_refused_at_their_key() {
+    let dir = scratch_dir("geo-hostile");
+    let huge = dir.join("huge.mmdb");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(600 << 20)
+        .unwrap();
+    let cut = dir.join("cut.mmdb");
+    let whole = country_database();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    // The metadata marker and nothing sound after it (the reader indexed past the end).
+    let marker = dir.join("marker.mmdb");
+    std::fs::write(&marker, b"\xAB\xCD\xEFMaxMind.com garbage").unwrap();
+    let base = |analytics: &str| {
+        format!(
+            "listen: {{ http: [\"127.0.0.1:0\"] }}\nanalytics:\n{analytics}\nresources:\n  - name: a\n    hostnames: [a.test]\n    origin: {{ servers: [{{ address: \"127.0.0.1:1\" }}] }}\n"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "  clickhouse: { url: \"https://ch:8443\" }".into(),
+            "https is not supported",
+        ),
+        (
+            "  clickhouse: { url: \"ch:8123\" }".into(),
+            "not an http:// URL",
+        ),
+        ("  clickhouse: { url: \"http://ch\" }".into(), "has no port"),
+        (
+            "  clickhouse: { url: \"http://user:pw@ch:8123\" }".into(),
+            "not host:port",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123/x?y\" }".into(),
+            "not host:port",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", database: \"x; DROP TABLE t\" }".into(),
+            "not a database name",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", batch: 0 }".into(),
+            "out of range",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", batch: 99999999 }".into(),
+            "out of range",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", flush: 0s }".into(),
+            "zero",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", password_file: /x }".into(),
+            "needs its `user`",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", user: u, password_file: /nonexistent/pw }"
+                .into(),
+            "cannot read",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\" }\n  spill: { max_size: 1TB }".into(),
+            "invalid size",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\" }\n  edge: { region: \"eu west\" }".into(),
+            "not a label",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  edge: {{ id: \"{}\" }}",
+                "e".repeat(65)
+            ),
+            "not a label",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\" }\n  geoip: { asn: /nonexistent.mmdb }".into(),
+            "analytics.geoip.asn",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  geoip: {{ asn: \"{}\" }}",
+                dir.display()
+            ),
+            "not a regular file",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  geoip: {{ country: \"{}\" }}",
+                huge.display()
+            ),
+            "larger than 512 MiB",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  geoip: {{ country: \"{}\" }}",
+                cut.display()
+            ),
+            "not a MaxMind-format database",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  geoip: {{ asn: \"{}\" }}",
+                marker.display()
+            ),
+            "malformed",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", unknown: 1 }".into(),
+            "unknown field",
+        ),
+    ];
+    for (analytics, says) in cases {
+        let out = check_config("wsedge.yaml", &base(&analytics));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{analytics}: accepted");
+        assert!(err.contains(says), "{analytics}: {err}");
+        assert!(
+            err.contains("wsedge.yaml:"),
+            "{analytics}: no place in {err}"
+        );
+    }
+    // And a good one passes.
+    let out = check_config(
+        "wsedge.yaml",
+        &base("  clickhouse: { url: \"http://127.0.0.1:8123\", database: wsedge }\n  edge: { id: fra-1, region: eu-central }"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

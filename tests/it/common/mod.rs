@@ -8,6 +8,7 @@ pub mod clickhouse;
 pub mod edge;
 pub mod etcd;
 pub mod h2ws;
+pub mod mmdb;
 pub mod origin;
 pub mod pki;
 pub mod raw;
