@@ -282,6 +282,11 @@ impl Edge {
             stats: self.lasting.stats.clone(),
             reloader: self.reloader.clone(),
             drain: self.lasting.drain.clone(),
+            fleet: self
+                .config
+                .analytics
+                .as_ref()
+                .map(analytics::fleet_stats::FleetStats::new),
         };
         let mut service = Service::new("wsedge admin".into(), HttpServer::new_app(app));
         service.add_tcp(&self.config.admin.addr.to_string());

@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS wsedge.tunnels (
     messages_in UInt64,
     messages_out UInt64,
     duration_ms UInt64,
+    opened_ms UInt64,            -- opened and ts to the millisecond (peak open tunnels)
+    closed_ms UInt64,
     batch_id String
 ) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (resource, ts);
 

@@ -35,6 +35,15 @@ impl Granularity {
         }
     }
 
+    /// As `/stats` writes it: `5m`, `1h`, `1d`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Granularity::FiveMinutes => "5m",
+            Granularity::Hour => "1h",
+            Granularity::Day => "1d",
+        }
+    }
+
     /// Bucket width and how many buckets are kept.
     pub fn shape(self) -> (u64, usize) {
         match self {

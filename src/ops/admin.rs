@@ -8,7 +8,9 @@
 
 use super::reload::Reloader;
 use crate::observe::access_log::json_str;
+use crate::observe::analytics::fleet_stats::FleetStats;
 use crate::observe::metrics::EdgeStats;
+use crate::observe::stats_api::{route, Route};
 use crate::observe::time::rfc3339;
 use crate::policy::drain::{CancelError, Drain, Kind};
 use crate::syntax::host::valid_host;
@@ -27,6 +29,8 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
     /// The edge's drain, behind `/drain` and `/drain/cancel`.
     pub drain: Arc<Drain>,
+    /// The fleet's statistics in ClickHouse, behind `/stats` when analytics is configured.
+    pub fleet: Option<FleetStats>,
 }
 
 const ROUTES: &str =
@@ -52,6 +56,31 @@ fn outcome(status: StatusCode, ok: bool, message: &str) -> Response<Vec<u8>> {
 }
 
 impl Admin {
+    /// `/stats`: from the fleet's statistics in ClickHouse, or this edge's windows.
+    async fn stats_answer(&self, query: Option<&str>) -> (u16, String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match route(query.unwrap_or(""), self.fleet.is_some(), now) {
+            Route::Edge => self.stats.stats_page(query),
+            Route::Refused(status, body) => (status, body),
+            Route::Fleet(q) => {
+                let Some(fleet) = &self.fleet else {
+                    return (500, "{\"error\":\"no fleet statistics\"}\n".into());
+                };
+                match fleet.answer(&q, now).await {
+                    Ok(body) => (200, body),
+                    Err((status, why)) => {
+                        let mut b = String::from("{\"error\":");
+                        json_str(&mut b, &why);
+                        b.push_str("}\n");
+                        (status, b)
+                    }
+                }
+            }
+        }
+    }
+
     /// 200 `ok`, or 503 `draining` while a drain runs (a load balancer or a readiness
     /// probe then takes the edge out), with the tunnels still open.
     fn healthz(&self) -> Response<Vec<u8>> {
@@ -271,7 +300,8 @@ impl ServeHttp for Admin {
             (Method::GET, "/healthz") => self.healthz(),
             (Method::GET, "/metrics") => self.metrics(),
             (Method::GET, "/stats") => {
-                let (status, body) = self.stats.stats_page(req.uri.query());
+                let query = req.uri.query().map(str::to_string);
+                let (status, body) = self.stats_answer(query.as_deref()).await;
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 reply(status, "application/json", body)
             }

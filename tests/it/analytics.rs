@@ -772,6 +772,8 @@ async fn an_edge_stopped_and_started_again_loses_no_row_it_counted() {
         tunnel_sums(&ch, "r", "tunnels", "eu"),
         (seen.tunnels, seen.c2o, seen.o2c)
     );
+    // A spill file goes once ClickHouse answered (its rows can be seen a moment before).
+    assert_eq!(until_metric(&again, "sent", 29).await, 29);
     assert!(spill_files(&spill).is_empty());
     let _ = std::fs::remove_dir_all(&spill);
 }
@@ -900,6 +902,7 @@ async fn the_clients_isp_and_country_come_from_maxmind_databases_read_again_at_r
         until_number(&ch, "SELECT count() FROM g.requests", 6, STEP),
         6
     );
+    assert_eq!(until_metric(&edge, "sent", 6).await, 6);
     assert_eq!(
         rows("SELECT isp FROM g.requests WHERE client_asn = 64999 FORMAT TSV"),
         "AS64999 Renamed Carrier\n"
@@ -1061,5 +1064,247 @@ fn hostile_analytics_settings_are_refused_at_their_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `/stats` answer's buckets, summed: (bytes in, bytes out, tunnels opened, statuses),
+/// and the largest `tunnels_open_peak`.
+fn stats_sums(body: &str) -> (u64, u64, u64, BTreeMap<String, u64>, u64) {
+    let v: serde_yaml::Value = serde_yaml::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let mut sums = (0, 0, 0, BTreeMap::new(), 0);
+    for b in v["buckets"].as_sequence().unwrap() {
+        let n = |k: &str| b[k].as_u64().unwrap();
+        sums.0 += n("bytes_client_to_origin");
+        sums.1 += n("bytes_origin_to_client");
+        sums.2 += n("tunnels_opened");
+        sums.4 = sums.4.max(n("tunnels_open_peak"));
+        assert_eq!(
+            n("bandwidth_avg_bps"),
+            (n("bytes_client_to_origin") + n("bytes_origin_to_client")) * 8
+                / match v["granularity"].as_str().unwrap() {
+                    "5m" => 300,
+                    "1h" => 3600,
+                    _ => 86_400,
+                }
+        );
+        assert!(n("bandwidth_peak_bps") >= n("bandwidth_avg_bps"));
+        for (code, count) in b["status"].as_mapping().unwrap() {
+            *sums
+                .3
+                .entry(code.as_str().unwrap().to_string())
+                .or_default() += count.as_u64().unwrap();
+        }
+    }
+    sums
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_answers_for_the_fleet_by_resource_region_and_isp_with_the_range_rules() {
+    let mut ch = ClickHouse::start();
+    ch.migrate("s");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("fleet-stats");
+    let (asn, country) = (dir.join("asn.mmdb"), dir.join("country.mmdb"));
+    std::fs::write(&asn, asn_database((64500, "Loopback Telecom"))).unwrap();
+    std::fs::write(&country, country_database()).unwrap();
+    let extra = |name: &str| {
+        format!(
+            "  spill: {{ path: \"{}\" }}\n  geoip: {{ asn: \"{}\", country: \"{}\" }}",
+            dir.join(name).display(),
+            asn.display(),
+            country.display()
+        )
+    };
+    let eu = Edge::start(&fleet_yaml(
+        &ch,
+        "s",
+        ws_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra("a"),
+    ));
+    let us = Edge::start(&fleet_yaml(
+        &ch,
+        "s",
+        ws_origin.addr,
+        web_origin.addr,
+        "e2",
+        "us",
+        &extra("b"),
+    ));
+    let (mut seen_eu, mut seen_us) = (Seen::default(), Seen::default());
+    tunnels_through(&eu, 6, 3, &mut seen_eu).await;
+    tunnels_through(&us, 4, 2, &mut seen_us).await;
+    // Five tunnels open at once through eu (apart from the others in time).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let url = format!("ws://{}/ws", eu.addr);
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("chat.test"));
+        held.push(
+            within("open", tokio_tungstenite::connect_async(req))
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    for mut ws in held {
+        within("close", ws.close(None)).await.unwrap();
+        while let Some(Ok(_)) = within("close answer", ws.next()).await {}
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Plain requests: 7 from AS64500 (DE-BY), 3 from AS64501 (FR), through both edges.
+    for i in 0..10 {
+        let edge = if i % 2 == 0 { &eu } else { &us };
+        let from = if i < 7 { "127.0.0.1" } else { "127.0.1.5" };
+        assert_eq!(request_from(edge, from).await, 200);
+    }
+    let tunnels = seen_eu.tunnels + seen_us.tunnels + 5;
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT (SELECT count() FROM s.tunnels) + (SELECT count() FROM s.requests)",
+            tunnels + 10,
+            STEP
+        ),
+        tunnels + 10
+    );
+    // Answered, so in the rollups too.
+    assert_eq!(
+        until_metric(&eu, "sent", seen_eu.tunnels + 5 + 5).await,
+        seen_eu.tunnels + 10
+    );
+    assert_eq!(
+        until_metric(&us, "sent", seen_us.tunnels + 5).await,
+        seen_us.tunnels + 5
+    );
+    let stats = |q: String| {
+        let eu = &eu;
+        async move {
+            eu.admin_request("GET", &format!("/stats?resource={q}"))
+                .await
+        }
+    };
+
+    // By resource: everything both edges' clients saw (tunnels are counted with the
+    // clients' bytes, the five held ones' too: their bytes are read from ClickHouse).
+    let (status, body) = stats("chat".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"source\":\"fleet\"") && body.contains("\"granularity\":\"5m\""),
+        "{body}"
+    );
+    let held_bytes = ch.number("SELECT sum(bytes_in) FROM s.tunnels WHERE messages_in = 0");
+    let held_out = ch.number("SELECT sum(bytes_out) FROM s.tunnels WHERE messages_in = 0");
+    let all = stats_sums(&body);
+    assert_eq!(all.0, seen_eu.c2o + seen_us.c2o + held_bytes);
+    assert_eq!(all.1, seen_eu.o2c + seen_us.o2c + held_out);
+    assert_eq!(all.2, tunnels);
+    assert_eq!(all.3, BTreeMap::from([("101".to_string(), tunnels)]));
+    assert_eq!(all.4, 5, "five tunnels were open at once");
+    // By the edge's region.
+    let (_, body) = stats("chat&edge_region=us".into()).await;
+    let us_only = stats_sums(&body);
+    assert_eq!(
+        (us_only.0, us_only.1, us_only.2),
+        (seen_us.c2o, seen_us.o2c, seen_us.tunnels)
+    );
+    assert_eq!(us_only.4, 1);
+    // By the client's region and by ISP, and for an hour.
+    let (_, body) = stats("web&region=DE-BY".into()).await;
+    assert_eq!(
+        stats_sums(&body).3,
+        BTreeMap::from([("200".to_string(), 7)])
+    );
+    let (_, body) = stats("web&isp=AS64501%20OtherNet&granularity=1h".into()).await;
+    let fr = stats_sums(&body);
+    assert_eq!(fr.3, BTreeMap::from([("200".to_string(), 3)]));
+    assert_eq!(fr.1, 3 * 16);
+    let (_, body) = stats("web&hostname=web.test&edge_region=eu".into()).await;
+    assert_eq!(
+        stats_sums(&body).3,
+        BTreeMap::from([("200".to_string(), 5)])
+    );
+    // The hourly peak bandwidth is the busiest five minutes.
+    let (_, five) = stats("chat".into()).await;
+    let (_, hour) = stats("chat&granularity=1h".into()).await;
+    let peak = |body: &str, key: &str| {
+        let v: serde_yaml::Value = serde_yaml::from_str(body).unwrap();
+        v["buckets"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|b| b[key].as_u64().unwrap())
+            .max()
+            .unwrap()
+    };
+    assert_eq!(
+        peak(&hour, "bandwidth_peak_bps"),
+        peak(&five, "bandwidth_avg_bps")
+    );
+    // Hostile filters are values, never SQL; encoded twice, decoded once.
+    for q in [
+        "chat&isp=%27%20OR%201%3D1%20--",
+        "chat&isp=a%5C%27b",
+        "chat&region=%2527",
+    ] {
+        let (status, body) = stats(q.into()).await;
+        assert_eq!(status, 200, "{q}: {body}");
+        assert_eq!(stats_sums(&body).2, 0, "{q}");
+    }
+
+    // The range rules, with what is allowed.
+    let refused = [
+        (
+            "chat&from=2026-06-01T00:00:00Z&to=2026-09-15T00:00:00Z",
+            "at most 3 months",
+        ),
+        (
+            "chat&from=2026-11-20T00:00:00Z&to=2026-11-25T00:00:00Z&granularity=5m",
+            "use 1h or 1d",
+        ),
+        (
+            "chat&from=2026-11-20T00:00:00Z&to=2026-11-22T00:00:00Z&granularity=1d",
+            "use 5m or 1h",
+        ),
+        (
+            "chat&from=2026-09-01T00:00:00Z&to=2026-11-01T00:00:00Z&granularity=1h",
+            "use 1d",
+        ),
+        (
+            "chat&from=2025-01-01T00:00:00Z&to=2025-01-02T00:00:00Z",
+            "kept 93 days",
+        ),
+        ("chat&granularity=1w", "not one of"),
+        ("chat&region=a%0Ab", "control characters"),
+        (&format!("chat&isp={}", "x".repeat(300)), "at most 256"),
+        ("chat&source=cache", "not fleet or edge"),
+        ("chat&source=edge&region=DE", "source=fleet"),
+        (
+            "chat&from=2026-11-22T00:00:00Z&to=2026-11-21T00:00:00Z",
+            "before to",
+        ),
+    ];
+    for (q, says) in refused {
+        let (status, body) = stats(q.to_string()).await;
+        assert_eq!(status, 400, "{q}: {body}");
+        assert!(body.contains(says), "{q}: {body}");
+    }
+    // The edge's own windows on request.
+    let (status, body) = stats("chat&source=edge&granularity=5m".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("\"source\":\"fleet\""));
+
+    // ClickHouse away: the fleet's answer is a 502 that says so; the edge's still works.
+    ch.stop();
+    let (status, body) = stats("chat".into()).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("ClickHouse"), "{body}");
+    let (status, _) = stats("chat&source=edge&granularity=1h".into()).await;
+    assert_eq!(status, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,7 @@
 //! (the new one of an upgrade) sends it.
 
 pub mod clickhouse;
+pub mod fleet_stats;
 pub mod ship;
 pub mod spill;
 
@@ -220,6 +221,12 @@ impl Feed {
             }
         }
     }
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Seconds since the epoch.

@@ -7,7 +7,7 @@
 
 use super::clickhouse::{literal, Client, Failure};
 use super::spill::{Batch, Spill, Table};
-use super::{unix, Counters, Feed, Row};
+use super::{unix, unix_ms, Counters, Feed, Row};
 use crate::config::geo::GeoIp;
 use crate::config::Analytics;
 use crate::observe::access_log::json_str;
@@ -170,7 +170,13 @@ impl Shared {
         let (table, ts) = match row {
             Row::Tunnel(t) => {
                 let ts = unix(t.closed);
-                let _ = write!(out, "{{\"ts\":{ts},\"opened\":{}", unix(t.opened));
+                let _ = write!(
+                    out,
+                    "{{\"ts\":{ts},\"opened\":{},\"opened_ms\":{},\"closed_ms\":{}",
+                    unix(t.opened),
+                    unix_ms(t.opened),
+                    unix_ms(t.closed)
+                );
                 text(out, "resource", &t.resource);
                 text(out, "hostname", &t.hostname);
                 text(out, "protocol", t.protocol);
