@@ -1308,3 +1308,88 @@ async fn stats_answers_for_the_fleet_by_resource_region_and_isp_with_the_range_r
     assert_eq!(status, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_grafana_dashboards_queries_run_on_the_schema_and_add_up() {
+    let ch = ClickHouse::start();
+    ch.migrate("wsedge");
+    // 2026-11-28: tunnels and requests over the day in two regions.
+    let mut rows = String::new();
+    let mut total = 0u64;
+    for i in 0..50u64 {
+        let region = if i % 2 == 0 { "eu" } else { "us" };
+        let ts = START + i * 1000;
+        let (bin, bout) = (100 + i, 1000 + i * 7);
+        total += bin + bout;
+        rows.push_str(&format!(
+            "{{\"ts\":{ts},\"opened\":{},\"edge_id\":\"e\",\"edge_region\":\"{region}\",\"resource\":\"chat\",\"hostname\":\"chat.test\",\"status\":101,\"isp\":\"AS{}\",\"client_region\":\"DE\",\"bytes_in\":{bin},\"bytes_out\":{bout}}}\n",
+            ts - 30,
+            64500 + i % 3
+        ));
+    }
+    ch.query("INSERT INTO wsedge.tunnels FORMAT JSONEachRow", &rows)
+        .unwrap();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/grafana/wsedge-clickhouse.json"),
+    )
+    .unwrap();
+    let dash: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    // The plugin's macros and variables as Grafana expands them for the day.
+    let expand = |sql: &str| {
+        sql.replace(
+            "$__timeFilter(bucket)",
+            &format!(
+                "bucket >= toDateTime({START}) AND bucket <= toDateTime({})",
+                START + 86_400
+            ),
+        )
+        .replace("${resource:singlequote}", "'chat'")
+        .replace("${edge_region:singlequote}", "'eu','us'")
+    };
+    let mut answers = BTreeMap::new();
+    for v in dash["templating"]["list"].as_sequence().unwrap() {
+        let got = ch.query(&format!("{} FORMAT TSV", v["query"].as_str().unwrap()), "");
+        assert!(got.is_ok(), "{v:?}: {got:?}");
+    }
+    let values = ch
+        .query(
+            "SELECT DISTINCT edge_region FROM wsedge.traffic_1d ORDER BY edge_region FORMAT TSV",
+            "",
+        )
+        .unwrap();
+    assert_eq!(values, "eu\nus\n");
+    for p in dash["panels"].as_sequence().unwrap() {
+        let title = p["title"].as_str().unwrap().to_string();
+        for t in p["targets"].as_sequence().unwrap() {
+            let sql = expand(t["rawSql"].as_str().unwrap());
+            assert!(!sql.contains('$'), "{title}: a macro left in {sql}");
+            let got = ch
+                .query(&format!("{sql} FORMAT TSV"), "")
+                .unwrap_or_else(|e| panic!("{title}: {e}"));
+            assert!(!got.is_empty(), "{title}: no rows");
+            answers.insert(title.clone(), got);
+        }
+    }
+    // The bandwidth panel says, over the day, what the rows carried.
+    let bps = answers
+        .iter()
+        .find(|(t, _)| t.starts_with("Bandwidth"))
+        .unwrap()
+        .1;
+    let bits: f64 = bps
+        .lines()
+        .map(|l| l.split('\t').nth(2).unwrap().parse::<f64>().unwrap() * 300.0)
+        .sum();
+    assert!(
+        (bits - (total * 8) as f64).abs() < 1.0,
+        "{bits} against {}",
+        total * 8
+    );
+    let daily = answers
+        .iter()
+        .find(|(t, _)| t.starts_with("Daily"))
+        .unwrap()
+        .1;
+    assert_eq!(daily.trim().split('\t').nth(2).unwrap(), total.to_string());
+}

@@ -70,10 +70,15 @@ struct Bucket {
     codes: BTreeMap<u16, u64>,
 }
 
+/// Fleet queries run at once from one edge; more get a 503 (each may scan three months
+/// of raw rows for the peak of open tunnels).
+pub const MAX_QUERIES: usize = 2;
+
 /// Answers fleet queries from ClickHouse.
 #[derive(Clone)]
 pub struct FleetStats {
     client: Client,
+    running: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 fn table(g: Granularity) -> &'static str {
@@ -89,11 +94,18 @@ impl FleetStats {
     pub fn new(settings: &Analytics) -> FleetStats {
         FleetStats {
             client: Client::new(settings),
+            running: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES)),
         }
     }
 
     /// The answer's JSON, or 502 with what ClickHouse said.
     pub async fn answer(&self, q: &FleetQuery, now: u64) -> Result<String, (u16, String)> {
+        let Ok(_running) = self.running.try_acquire() else {
+            return Err((
+                503,
+                format!("{MAX_QUERIES} fleet queries are running on this edge already; try again when they are done"),
+            ));
+        };
         let g = q.granularity.unwrap_or(Granularity::FiveMinutes);
         let (width, _) = g.shape();
         let failed = |f: Failure| {
