@@ -1393,3 +1393,144 @@ fn the_grafana_dashboards_queries_run_on_the_schema_and_add_up() {
         .1;
     assert_eq!(daily.trim().split('\t').nth(2).unwrap(), total.to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_that_never_answers_is_given_up_on_and_the_rows_wait() {
+    // Accepts and reads, never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let spill = scratch_dir("spill");
+    let yaml = format!(
+        r#"
+listen: {{ http: ["127.0.0.1:0"] }}
+analytics:
+  clickhouse: {{ url: "http://{addr}", batch: 5, flush: 100ms, timeout: 1s }}
+  spill: {{ path: "{}" }}
+resources:
+  - name: web
+    hostnames: ["web.test"]
+    origin: {{ servers: [{{ address: "{}" }}] }}
+"#,
+        spill.display(),
+        web_origin.addr
+    );
+    let edge = Edge::start(&yaml);
+    let mut seen = Seen::default();
+    requests_through(&edge, "web.test", 30, &mut seen).await;
+    assert_eq!(
+        seen.requests.get(&("web".to_string(), 200)).map(|v| v.0),
+        Some(30)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, text) = edge.admin_request("GET", "/metrics").await;
+    let errors = metric(&text, "wsedge_analytics_errors_total").unwrap_or(0.0);
+    assert!(errors >= 1.0, "{text}");
+    assert!(
+        edge.log_text().contains("did not answer in time"),
+        "{}",
+        edge.log_text()
+    );
+    // Nothing lost: in memory (two batches) or on disk.
+    assert_eq!(metric_of(&text, "dropped"), 0);
+    assert_eq!(metric_of(&text, "sent"), 0);
+    assert!(metric_of(&text, "spilled") >= 10, "{text}");
+    let _ = std::fs::remove_dir_all(&spill);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_files_that_are_not_whole_are_set_aside_and_the_good_ones_sent() {
+    let ch = ClickHouse::start();
+    ch.migrate("h");
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let spill = scratch_dir("spill");
+    // Files of a process that is gone: a good one, one cut short, one of garbage, one
+    // naming a table that is not wsedge's, and one whose id would be SQL.
+    let row = |id: &str| {
+        format!("{{\"ts\":{START},\"resource\":\"web\",\"status\":200,\"edge_region\":\"old\",\"batch_id\":\"{id}\"}}\n")
+    };
+    let file = |n: u32, body: String| {
+        std::fs::write(
+            spill.join(format!("00000000000000001-0999999999-{n:010}.batch")),
+            body,
+        )
+        .unwrap()
+    };
+    file(
+        1,
+        format!(
+            "good-1\trequests\t2\t{START}\t{START}\n{}{}",
+            row("good-1"),
+            row("good-1")
+        ),
+    );
+    file(
+        2,
+        format!("cut-1\trequests\t3\t{START}\t{START}\n{}", row("cut-1")),
+    );
+    file(3, "\u{0}\u{1}garbage without a header".into());
+    file(
+        4,
+        format!(
+            "drop-1\tsystem.users\t1\t{START}\t{START}\n{}",
+            row("drop-1")
+        ),
+    );
+    file(
+        5,
+        format!(
+            "x' OR 1=1 --\trequests\t1\t{START}\t{START}\n{}",
+            row("evil")
+        ),
+    );
+    let extra = format!("  spill: {{ path: \"{}\" }}", spill.display());
+    let edge = Edge::start(&fleet_yaml(
+        &ch,
+        "h",
+        web_origin.addr,
+        web_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    ));
+    // The good file and the one with the odd id are stored (its id is a value, never SQL).
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT count() FROM h.requests WHERE edge_region = 'old'",
+            3,
+            Duration::from_secs(20)
+        ),
+        3,
+        "{}",
+        edge.log_text()
+    );
+    assert_eq!(until_metric(&edge, "sent", 3).await, 3);
+    let mut left: Vec<String> = std::fs::read_dir(&spill)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [2, 3, 4].map(|n| format!("00000000000000001-0999999999-{n:010}.bad")),
+        "{}",
+        edge.log_text()
+    );
+    assert!(edge.log_text().contains("unreadable"));
+    // And the edge serves on, its own rows sent.
+    let mut seen = Seen::default();
+    requests_through(&edge, "web.test", 4, &mut seen).await;
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM h.requests", 7, STEP),
+        7
+    );
+    let _ = std::fs::remove_dir_all(&spill);
+}

@@ -430,7 +430,15 @@ impl Shipper {
                     Bytes::new(),
                 )
                 .await?;
-            let found: u64 = String::from_utf8_lossy(&found).trim().parse().unwrap_or(0);
+            // An answer that is not a count is a failure (sending again could store the
+            // batch twice).
+            let found: u64 = String::from_utf8_lossy(&found)
+                .trim()
+                .parse()
+                .map_err(|_| Failure::Refused {
+                    status: 200,
+                    message: "the lookup of a batch answered something other than a count".into(),
+                })?;
             if found > 0 {
                 if found != u64::from(batch.rows) {
                     log::warn!(
