@@ -192,6 +192,22 @@ impl Builder<'_> {
         })
     }
 
+    /// The first line of the password file `p` (relative to the file), for `key`.
+    fn password(&self, key: &str, p: &str) -> Result<Secret, ConfigError> {
+        let path = relative_to(self.base, p);
+        super::read_text(&path)
+            .map(|t| Secret(t.lines().next().unwrap_or("").to_string()))
+            .map_err(|why| {
+                self.invalid(
+                    None,
+                    key.into(),
+                    p,
+                    0,
+                    format!("cannot read {}: {why}", path.display()),
+                )
+            })
+    }
+
     /// `analytics`: ClickHouse, the spill directory, the edge's name, the MaxMind files
     /// (opened and checked now).
     fn analytics(&self, f: &FileConfig) -> Result<Option<super::Analytics>, ConfigError> {
@@ -202,21 +218,10 @@ impl Builder<'_> {
         let user = match (&c.user, &c.password_file) {
             (None, None) => None,
             (Some(u), None) => Some((u.clone(), Secret(String::new()))),
-            (Some(u), Some(p)) => {
-                let path = relative_to(self.base, p);
-                let password = super::read_text(&path)
-                    .map(|t| t.lines().next().unwrap_or("").to_string())
-                    .map_err(|why| {
-                        self.invalid(
-                            None,
-                            "analytics.clickhouse.password_file".into(),
-                            p,
-                            0,
-                            format!("cannot read {}: {why}", path.display()),
-                        )
-                    })?;
-                Some((u.clone(), Secret(password)))
-            }
+            (Some(u), Some(p)) => Some((
+                u.clone(),
+                self.password("analytics.clickhouse.password_file", p)?,
+            )),
             (None, Some(_)) => {
                 return Err(self.invalid(
                     None,
@@ -327,21 +332,7 @@ impl Builder<'_> {
         }
         let user = match (&e.user, &e.password_file) {
             (None, None) => None,
-            (Some(u), Some(p)) => {
-                let path = relative_to(self.base, p);
-                let password = super::read_text(&path)
-                    .map(|t| t.lines().next().unwrap_or("").to_string())
-                    .map_err(|why| {
-                        self.invalid(
-                            None,
-                            "source.etcd.password_file".into(),
-                            p,
-                            0,
-                            format!("cannot read {}: {why}", path.display()),
-                        )
-                    })?;
-                Some((u.clone(), Secret(password)))
-            }
+            (Some(u), Some(p)) => Some((u.clone(), self.password("source.etcd.password_file", p)?)),
             _ => {
                 return Err(self.invalid(
                     None,

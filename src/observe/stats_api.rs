@@ -41,7 +41,8 @@ pub enum Route {
     Refused(u16, String),
 }
 
-fn error_body(why: &str) -> String {
+/// `{"error":"..."}` with `why`.
+pub fn error_body(why: &str) -> String {
     let mut b = String::from("{\"error\":");
     json_str(&mut b, why);
     b.push_str("}\n");
@@ -213,12 +214,7 @@ impl EdgeStats {
     pub fn stats_page(&self, query: Option<&str>) -> (u16, String) {
         match self.stats_json(query.unwrap_or("")) {
             Ok(body) => (200, body),
-            Err((status, why)) => {
-                let mut b = String::from("{\"error\":");
-                json_str(&mut b, &why);
-                b.push_str("}\n");
-                (status, b)
-            }
+            Err((status, why)) => (status, error_body(&why)),
         }
     }
 

@@ -10,7 +10,7 @@ use super::reload::Reloader;
 use crate::observe::access_log::json_str;
 use crate::observe::analytics::fleet_stats::FleetStats;
 use crate::observe::metrics::EdgeStats;
-use crate::observe::stats_api::{route, Route};
+use crate::observe::stats_api::{error_body, route, Route};
 use crate::observe::time::rfc3339;
 use crate::policy::drain::{CancelError, Drain, Kind};
 use crate::syntax::host::valid_host;
@@ -66,16 +66,11 @@ impl Admin {
             Route::Refused(status, body) => (status, body),
             Route::Fleet(q) => {
                 let Some(fleet) = &self.fleet else {
-                    return (500, "{\"error\":\"no fleet statistics\"}\n".into());
+                    return (500, error_body("no fleet statistics"));
                 };
                 match fleet.answer(&q, now).await {
                     Ok(body) => (200, body),
-                    Err((status, why)) => {
-                        let mut b = String::from("{\"error\":");
-                        json_str(&mut b, &why);
-                        b.push_str("}\n");
-                        (status, b)
-                    }
+                    Err((status, why)) => (status, error_body(&why)),
                 }
             }
         }
