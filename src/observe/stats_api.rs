@@ -104,7 +104,8 @@ fn fleet_query(q: Query, now: u64) -> Result<FleetQuery, String> {
                 .ok_or_else(|| format!("{name}={v} is not an RFC 3339 time")),
         }
     };
-    let to = time("to", q.to)?.unwrap_or(now);
+    // By default up to the end of the current second (rows of this second included).
+    let to = time("to", q.to)?.unwrap_or(now + 1);
     let default_span = match g {
         None | Some(Granularity::FiveMinutes) => 86_400,
         Some(Granularity::Hour) => 3 * 86_400,

@@ -245,7 +245,7 @@ impl FleetStats {
         buckets: &mut BTreeMap<u64, Bucket>,
     ) -> Result<(), Failure> {
         let sql = format!(
-            "SELECT p.1, p.2, p.3, p.4 FROM (SELECT arrayJoin(arrayMap((x, y, z, w) -> (x, y, z, w), ts, arrayCumSum(d), o, d)) AS p FROM (SELECT groupArray(t) AS ts, groupArray(d) AS d, groupArray(o) AS o FROM (SELECT t, sum(dd) AS d, sumIf(dd, dd > 0) AS o FROM (SELECT arrayJoin([(opened_ms, toInt64(1)), (closed_ms, toInt64(-1))]) AS e, e.1 AS t, e.2 AS dd FROM tunnels WHERE resource = {} AND opened < toDateTime({}) AND ts >= toDateTime({}){filters}) GROUP BY t ORDER BY t))) FORMAT TSV",
+            "SELECT p.1, p.2, p.3, p.4 FROM (SELECT arrayJoin(arrayMap((e, c) -> (e.1, c, e.3, e.2), ev, arrayCumSum(arrayMap(e -> e.2, ev)))) AS p FROM (SELECT arraySort(groupArray((t, d, o))) AS ev FROM (SELECT t, sum(dd) AS d, sumIf(dd, dd > 0) AS o FROM (SELECT arrayJoin([(opened_ms, toInt64(1)), (closed_ms, toInt64(-1))]) AS e, e.1 AS t, e.2 AS dd FROM tunnels WHERE resource = {} AND opened < toDateTime({}) AND ts >= toDateTime({}){filters}) GROUP BY t))) FORMAT TSV",
             literal(&q.resource),
             q.to,
             q.from
