@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS wsedge.tunnels (
     duration_ms UInt64,
     opened_ms UInt64,            -- opened and ts to the millisecond (peak open tunnels)
     closed_ms UInt64,
+    bytes_in_rest UInt64,        -- of bytes_in and bytes_out, what no tunnel_progress row
+    bytes_out_rest UInt64,       -- reported (the rollups count these at the close)
     batch_id String
 ) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (resource, ts);
 
@@ -52,6 +54,24 @@ CREATE TABLE IF NOT EXISTS wsedge.requests (
     bytes_in UInt64,
     bytes_out UInt64,
     duration_ms UInt64,
+    batch_id String
+) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (resource, ts);
+
+-- Bytes an open tunnel moved since its last report (every analytics.interim while data
+-- flows), so that a long tunnel's traffic lands in the buckets it happened in.
+CREATE TABLE IF NOT EXISTS wsedge.tunnel_progress (
+    ts DateTime,
+    edge_id String,
+    edge_region String,
+    resource String,
+    hostname String,
+    status UInt16,
+    client_country String,
+    client_region String,
+    client_asn UInt32,
+    isp String,
+    bytes_in UInt64,
+    bytes_out UInt64,
     batch_id String
 ) ENGINE = MergeTree() PARTITION BY toYYYYMMDD(ts) ORDER BY (resource, ts);
 
@@ -89,27 +109,28 @@ CREATE TABLE IF NOT EXISTS wsedge.traffic_1d AS wsedge.traffic_5m
 -- view wrote into traffic_5m on to traffic_5m's own views (tried: the hourly and daily
 -- tables stayed empty), so the 1 h and 1 d views cannot be fed from the 5-minute table.
 
--- Closed tunnels: bytes and the close, in the bucket of the close.
+-- Closed tunnels: the close, and the bytes no progress row reported, in the bucket of the
+-- close.
 CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.tunnels_closed_5m TO wsedge.traffic_5m AS
   SELECT toStartOfFiveMinute(ts) AS bucket, resource, hostname,
-         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
-         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         edge_region, client_region, isp, status, sum(bytes_in_rest) AS bytes_in,
+         sum(bytes_out_rest) AS bytes_out, toUInt64(0) AS tunnels_opened,
          count() AS tunnels_closed, toUInt64(0) AS requests
   FROM wsedge.tunnels
   GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.tunnels_closed_1h TO wsedge.traffic_1h AS
   SELECT toStartOfHour(ts) AS bucket, resource, hostname,
-         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
-         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         edge_region, client_region, isp, status, sum(bytes_in_rest) AS bytes_in,
+         sum(bytes_out_rest) AS bytes_out, toUInt64(0) AS tunnels_opened,
          count() AS tunnels_closed, toUInt64(0) AS requests
   FROM wsedge.tunnels
   GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.tunnels_closed_1d TO wsedge.traffic_1d AS
   SELECT toDateTime(toDate(ts)) AS bucket, resource, hostname,
-         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
-         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         edge_region, client_region, isp, status, sum(bytes_in_rest) AS bytes_in,
+         sum(bytes_out_rest) AS bytes_out, toUInt64(0) AS tunnels_opened,
          count() AS tunnels_closed, toUInt64(0) AS requests
   FROM wsedge.tunnels
   GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
@@ -162,4 +183,29 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.requests_1d TO wsedge.traffic_1d A
          sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
          toUInt64(0) AS tunnels_closed, count() AS requests
   FROM wsedge.requests
+  GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
+
+-- Open tunnels' progress: bytes in the bucket they were reported in.
+CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.progress_5m TO wsedge.traffic_5m AS
+  SELECT toStartOfFiveMinute(ts) AS bucket, resource, hostname,
+         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
+         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         toUInt64(0) AS tunnels_closed, toUInt64(0) AS requests
+  FROM wsedge.tunnel_progress
+  GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.progress_1h TO wsedge.traffic_1h AS
+  SELECT toStartOfHour(ts) AS bucket, resource, hostname,
+         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
+         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         toUInt64(0) AS tunnels_closed, toUInt64(0) AS requests
+  FROM wsedge.tunnel_progress
+  GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS wsedge.progress_1d TO wsedge.traffic_1d AS
+  SELECT toDateTime(toDate(ts)) AS bucket, resource, hostname,
+         edge_region, client_region, isp, status, sum(bytes_in) AS bytes_in,
+         sum(bytes_out) AS bytes_out, toUInt64(0) AS tunnels_opened,
+         toUInt64(0) AS tunnels_closed, toUInt64(0) AS requests
+  FROM wsedge.tunnel_progress
   GROUP BY bucket, resource, hostname, edge_region, client_region, isp, status;

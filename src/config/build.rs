@@ -280,6 +280,10 @@ impl Builder<'_> {
                 .region
                 .as_ref()
                 .map_or_else(String::new, |l| l.0.clone()),
+            interim: a
+                .interim
+                .as_ref()
+                .map_or(super::DEFAULT_ANALYTICS_INTERIM, |d| d.0),
             geoip,
         }))
     }

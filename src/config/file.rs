@@ -58,6 +58,8 @@ pub struct AnalyticsFile {
     pub edge: EdgeFile,
     #[serde(default)]
     pub geoip: GeoIpFile,
+    /// An open tunnel reports the bytes it moved this often (default 60s).
+    pub interim: Option<DurationStr>,
 }
 
 /// `analytics.clickhouse`

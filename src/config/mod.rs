@@ -93,6 +93,9 @@ pub struct Analytics {
     pub edge_id: String,
     /// This edge's region in every row.
     pub edge_region: String,
+    /// An open tunnel that moved bytes reports them this often (so bandwidth lands in
+    /// the buckets it happened in, not all at the close).
+    pub interim: Duration,
     /// MaxMind-format databases for the client's ASN/ISP and country, read at load (so
     /// a reload reads them again).
     pub geoip: geo::GeoIp,
@@ -104,6 +107,8 @@ pub const DEFAULT_ANALYTICS_BATCH: usize = 10_000;
 pub const DEFAULT_ANALYTICS_FLUSH: Duration = Duration::from_secs(5);
 /// Each request to ClickHouse, when not configured.
 pub const DEFAULT_ANALYTICS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an open tunnel reports its bytes, when not configured.
+pub const DEFAULT_ANALYTICS_INTERIM: Duration = Duration::from_secs(60);
 /// Where batches wait while ClickHouse is away, when not configured.
 pub const DEFAULT_SPILL_DIR: &str = "/var/lib/wsedge/analytics-spill";
 /// The spill directory's bound, when not configured.

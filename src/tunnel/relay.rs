@@ -680,6 +680,7 @@ where
         let now = Instant::now();
         if c.forwarded || o.forwarded {
             self.last_activity = now;
+            self.guard.progress(now.into_std());
         }
         let Some(beats) = self.beats.as_deref_mut() else {
             return;

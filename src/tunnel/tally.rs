@@ -5,7 +5,7 @@
 use super::closing::Side;
 use super::frames::Fed;
 use crate::observe::access_log::{AccessLog, JsonLine};
-use crate::observe::analytics::{Feed, Row, TunnelRow};
+use crate::observe::analytics::{Feed, ProgressRow, Row, TunnelRow};
 use crate::observe::labels::{CloseReason, HeartbeatResult};
 use crate::observe::metrics::ResourceStats;
 use crate::policy::limits::Slot;
@@ -101,6 +101,16 @@ pub(crate) struct TunnelGuard {
     o2c: Direction,
     reason: Option<CloseReason>,
     codes: Codes,
+    /// With analytics: how often the tunnel reports its bytes, when it next does, and
+    /// what it reported so far (each way).
+    interim: Option<Interim>,
+}
+
+/// An open tunnel's reports of the bytes it moved.
+struct Interim {
+    every: std::time::Duration,
+    due: Instant,
+    reported: (u64, u64),
 }
 
 impl TunnelGuard {
@@ -111,18 +121,56 @@ impl TunnelGuard {
         server: SocketAddr,
     ) -> TunnelGuard {
         report.site.tunnel_opened();
+        let started = Instant::now();
+        let interim = report.analytics.as_ref().map(|feed| Interim {
+            every: feed.interim(),
+            due: started + feed.interim(),
+            reported: (0, 0),
+        });
         TunnelGuard {
             info,
             report,
             _slot: slot,
             server,
             opened_at: SystemTime::now(),
-            started: Instant::now(),
+            started,
             c2o: Direction::default(),
             o2c: Direction::default(),
             reason: None,
             codes: Codes::default(),
+            interim,
         }
+    }
+
+    /// Data moved at `now`: with analytics, once `interim` has passed since the last
+    /// report, the bytes since then are reported (a compare when it has not).
+    pub(crate) fn progress(&mut self, now: Instant) {
+        if self.interim.as_ref().is_some_and(|i| now >= i.due) {
+            self.report_progress(now);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn report_progress(&mut self, now: Instant) {
+        let (Some(i), Some(feed)) = (self.interim.as_mut(), self.report.analytics.as_ref()) else {
+            return;
+        };
+        i.due = now + i.every;
+        let (bytes_in, bytes_out) = (self.c2o.bytes - i.reported.0, self.o2c.bytes - i.reported.1);
+        if bytes_in == 0 && bytes_out == 0 {
+            return;
+        }
+        i.reported = (self.c2o.bytes, self.o2c.bytes);
+        feed.push(Row::Progress(ProgressRow {
+            ts: SystemTime::now(),
+            resource: self.info.resource.clone(),
+            hostname: self.info.host.clone(),
+            status: if self.info.h2 { 200 } else { 101 },
+            client_ip: self.info.client_ip,
+            bytes_in,
+            bytes_out,
+        }));
     }
 
     /// Accounts for a chunk from the client.
@@ -197,6 +245,7 @@ impl Drop for TunnelGuard {
             self.report.site.bytes_o2c.inc_by(self.o2c.bytes);
         }
         if let Some(feed) = &self.report.analytics {
+            let reported = self.interim.as_ref().map_or((0, 0), |i| i.reported);
             feed.push(Row::Tunnel(TunnelRow {
                 closed: SystemTime::now(),
                 opened: self.opened_at,
@@ -211,6 +260,8 @@ impl Drop for TunnelGuard {
                 messages_in: self.c2o.messages,
                 messages_out: self.o2c.messages,
                 duration_ms: self.started.elapsed().as_millis() as u64,
+                bytes_in_rest: self.c2o.bytes - reported.0,
+                bytes_out_rest: self.o2c.bytes - reported.1,
             }));
         }
         if !self.report.log.enabled() {

@@ -64,6 +64,7 @@ fn every_rollup_holds_exactly_what_the_raw_rows_say() {
     let mut g = Gen(7);
     let mut tunnels = String::new();
     let mut requests = String::new();
+    let mut progress = String::new();
     let mut expected: [BTreeMap<Key, Sums>; 3] = Default::default();
     let grains = [300u64, 3600, 86_400];
     let mut add = |at: u64, dims: (&str, &str, &str, &str, &str, u16), i: usize, v: u64| {
@@ -94,11 +95,25 @@ fn every_rollup_holds_exactly_what_the_raw_rows_say() {
         let closed = opened + g.next(7200);
         let (bin, bout) = (g.next(1 << 20), g.next(1 << 24));
         let dims = (resource, hostname, region, client, isp, 101u16);
+        // Some tunnels reported part of their bytes while open, in the bucket of the report.
+        let mut reported = (0, 0);
+        if g.next(3) == 0 {
+            let at = opened + g.next(closed - opened + 1);
+            reported = (g.next(bin + 1), g.next(bout + 1));
+            progress.push_str(&format!(
+                "{{\"ts\":{at},\"edge_id\":\"e-{region}\",\"edge_region\":\"{region}\",\"resource\":\"{resource}\",\"hostname\":\"{hostname}\",\"status\":101,\"client_region\":\"{client}\",\"isp\":\"{isp}\",\"bytes_in\":{},\"bytes_out\":{}}}\n",
+                reported.0, reported.1
+            ));
+            add(at, dims, 0, reported.0);
+            add(at, dims, 1, reported.1);
+        }
         tunnels.push_str(&format!(
-            "{{\"ts\":{closed},\"opened\":{opened},\"edge_id\":\"e-{region}\",\"edge_region\":\"{region}\",\"resource\":\"{resource}\",\"hostname\":\"{hostname}\",\"protocol\":\"http/1.1\",\"status\":101,\"close_reason\":\"client_close\",\"client_region\":\"{client}\",\"isp\":\"{isp}\",\"bytes_in\":{bin},\"bytes_out\":{bout}}}\n"
+            "{{\"ts\":{closed},\"opened\":{opened},\"edge_id\":\"e-{region}\",\"edge_region\":\"{region}\",\"resource\":\"{resource}\",\"hostname\":\"{hostname}\",\"protocol\":\"http/1.1\",\"status\":101,\"close_reason\":\"client_close\",\"client_region\":\"{client}\",\"isp\":\"{isp}\",\"bytes_in\":{bin},\"bytes_out\":{bout},\"bytes_in_rest\":{},\"bytes_out_rest\":{}}}\n",
+            bin - reported.0,
+            bout - reported.1
         ));
-        add(closed, dims, 0, bin);
-        add(closed, dims, 1, bout);
+        add(closed, dims, 0, bin - reported.0);
+        add(closed, dims, 1, bout - reported.1);
         add(opened, dims, 2, 1);
         add(closed, dims, 3, 1);
     }
@@ -128,6 +143,11 @@ fn every_rollup_holds_exactly_what_the_raw_rows_say() {
     }
     ch.query("INSERT INTO stats.requests FORMAT JSONEachRow", &requests)
         .unwrap();
+    ch.query(
+        "INSERT INTO stats.tunnel_progress FORMAT JSONEachRow",
+        &progress,
+    )
+    .unwrap();
 
     for (k, table) in ["traffic_5m", "traffic_1h", "traffic_1d"]
         .iter()
@@ -168,7 +188,7 @@ fn every_rollup_holds_exactly_what_the_raw_rows_say() {
         .unwrap();
     let raw = ch
         .query(
-            "SELECT isp, sum(b) FROM (SELECT isp, sum(bytes_out) AS b FROM stats.tunnels GROUP BY isp UNION ALL SELECT isp, sum(bytes_out) AS b FROM stats.requests GROUP BY isp) GROUP BY isp ORDER BY isp FORMAT TSV",
+            "SELECT isp, sum(b) FROM (SELECT isp, sum(bytes_out_rest) AS b FROM stats.tunnels GROUP BY isp UNION ALL SELECT isp, sum(bytes_out) AS b FROM stats.requests GROUP BY isp UNION ALL SELECT isp, sum(bytes_out) AS b FROM stats.tunnel_progress GROUP BY isp) GROUP BY isp ORDER BY isp FORMAT TSV",
             "",
         )
         .unwrap();
@@ -1322,7 +1342,7 @@ fn the_grafana_dashboards_queries_run_on_the_schema_and_add_up() {
         let (bin, bout) = (100 + i, 1000 + i * 7);
         total += bin + bout;
         rows.push_str(&format!(
-            "{{\"ts\":{ts},\"opened\":{},\"edge_id\":\"e\",\"edge_region\":\"{region}\",\"resource\":\"chat\",\"hostname\":\"chat.test\",\"status\":101,\"isp\":\"AS{}\",\"client_region\":\"DE\",\"bytes_in\":{bin},\"bytes_out\":{bout}}}\n",
+            "{{\"ts\":{ts},\"opened\":{},\"edge_id\":\"e\",\"edge_region\":\"{region}\",\"resource\":\"chat\",\"hostname\":\"chat.test\",\"status\":101,\"isp\":\"AS{}\",\"client_region\":\"DE\",\"bytes_in\":{bin},\"bytes_out\":{bout},\"bytes_in_rest\":{bin},\"bytes_out_rest\":{bout}}}\n",
             ts - 30,
             64500 + i % 3
         ));
@@ -1531,6 +1551,83 @@ async fn spill_files_that_are_not_whole_are_set_aside_and_the_good_ones_sent() {
     assert_eq!(
         until_number(&ch, "SELECT count() FROM h.requests", 7, STEP),
         7
+    );
+    let _ = std::fs::remove_dir_all(&spill);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_tunnel_reports_its_bytes_while_open_and_none_twice() {
+    let ch = ClickHouse::start();
+    ch.migrate("p");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let spill = scratch_dir("spill");
+    let extra = format!(
+        "  interim: 1s\n  spill: {{ path: \"{}\" }}",
+        spill.display()
+    );
+    let edge = Edge::start(&fleet_yaml(
+        &ch,
+        "p",
+        ws_origin.addr,
+        ws_origin.addr,
+        "e1",
+        "eu",
+        &extra,
+    ));
+    // One tunnel, a message each way every 200 ms for 3.5 s.
+    let stream = Counted::connect(edge.addr).await;
+    let (read, written) = (stream.read.clone(), stream.written.clone());
+    let mut req = format!("ws://{}/ws", edge.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("host", http::HeaderValue::from_static("chat.test"));
+    let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(req, stream))
+        .await
+        .unwrap();
+    let (r0, w0) = (read.load(Ordering::SeqCst), written.load(Ordering::SeqCst));
+    let started = Instant::now();
+    let mut m = 0;
+    while started.elapsed() < Duration::from_millis(3500) && m < 100 {
+        let body = pattern(100 + m * 13, m as u8);
+        assert_eq!(
+            echo_once(&mut ws, Message::binary(body.clone())).await,
+            Message::binary(body)
+        );
+        m += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    within("close", ws.close(None)).await.unwrap();
+    while let Some(Ok(_)) = within("close answer", ws.next()).await {}
+    let c2o = (written.load(Ordering::SeqCst) - w0) as u64;
+    let o2c = (read.load(Ordering::SeqCst) - r0) as u64;
+
+    // The rollups hold every byte once: reported while open, and the rest at the close.
+    let sql = "SELECT sum(bytes_in) + sum(bytes_out) FROM p.traffic_5m";
+    assert_eq!(
+        until_number(&ch, sql, c2o + o2c, STEP),
+        c2o + o2c,
+        "{}",
+        edge.log_text()
+    );
+    assert_eq!(ch.number("SELECT sum(bytes_in) FROM p.traffic_1h"), c2o);
+    assert_eq!(ch.number("SELECT sum(bytes_out) FROM p.traffic_1d"), o2c);
+    // The raw row keeps the whole tunnel's bytes, and what the progress rows did not take.
+    assert_eq!(ch.number("SELECT sum(bytes_in) FROM p.tunnels"), c2o);
+    assert_eq!(ch.number("SELECT sum(bytes_out) FROM p.tunnels"), o2c);
+    let reports = ch.number("SELECT count() FROM p.tunnel_progress");
+    assert!(
+        (2..=4).contains(&reports),
+        "{reports} progress rows in 3.5 s at 1 s"
+    );
+    assert_eq!(
+        ch.number("SELECT (SELECT sum(bytes_in) FROM p.tunnel_progress) + (SELECT sum(bytes_in_rest) FROM p.tunnels)"),
+        c2o
+    );
+    assert_eq!(
+        ch.number("SELECT countDistinct(ts) FROM p.tunnel_progress"),
+        reports,
+        "reported at different times"
     );
     let _ = std::fs::remove_dir_all(&spill);
 }

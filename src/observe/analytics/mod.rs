@@ -35,6 +35,27 @@ pub enum Row {
     Tunnel(TunnelRow),
     /// A plain request (or a refused upgrade).
     Request(RequestRow),
+    /// Bytes an open tunnel moved since its last report.
+    Progress(ProgressRow),
+}
+
+/// Bytes an open tunnel moved since its last report (or its opening).
+#[derive(Debug, Clone)]
+pub struct ProgressRow {
+    /// When.
+    pub ts: SystemTime,
+    /// The resource's name.
+    pub resource: String,
+    /// The Host the client asked for.
+    pub hostname: String,
+    /// The status the client got (101 or 200).
+    pub status: u16,
+    /// The client's IP.
+    pub client_ip: Option<IpAddr>,
+    /// Client to origin.
+    pub bytes_in: u64,
+    /// Origin to client.
+    pub bytes_out: u64,
 }
 
 /// A closed tunnel.
@@ -66,6 +87,10 @@ pub struct TunnelRow {
     pub messages_out: u64,
     /// How long it was open.
     pub duration_ms: u64,
+    /// Of `bytes_in`, what no progress row reported.
+    pub bytes_in_rest: u64,
+    /// Of `bytes_out`, what no progress row reported.
+    pub bytes_out_rest: u64,
 }
 
 /// A plain request.
@@ -149,6 +174,8 @@ pub struct Feed {
     /// Wakes the shipper when a batch is full.
     wake: tokio::sync::Notify,
     batch: usize,
+    /// How often an open tunnel reports its bytes.
+    interim: std::time::Duration,
     counters: Counters,
     /// The shipper's state, for [`Feed::finish`] to spill.
     pub(crate) shipper: Mutex<Option<Arc<ship::Shared>>>,
@@ -172,6 +199,7 @@ impl Feed {
             capacity,
             wake: tokio::sync::Notify::new(),
             batch: settings.batch,
+            interim: settings.interim,
             counters,
             shipper: Mutex::new(None),
         })
@@ -197,6 +225,11 @@ impl Feed {
     pub(crate) fn take(&self) -> VecDeque<Row> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *q)
+    }
+
+    /// How often an open tunnel reports the bytes it moved.
+    pub fn interim(&self) -> std::time::Duration {
+        self.interim
     }
 
     /// The counters.

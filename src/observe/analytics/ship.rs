@@ -43,7 +43,7 @@ struct Open {
 }
 
 struct State {
-    open: [Open; 2],
+    open: [Open; 3],
     outbox: VecDeque<Batch>,
     /// The batch being sent, for `finish` to spill.
     in_flight: Option<Batch>,
@@ -95,7 +95,7 @@ impl Shared {
 
     /// Seals the open batches that are `flush` old (all of them with `all`).
     fn seal_old(&self, st: &mut State, all: bool) {
-        for table in [Table::Tunnels, Table::Requests] {
+        for table in [Table::Tunnels, Table::Requests, Table::Progress] {
             let open = &st.open[table as usize];
             let old = open
                 .since
@@ -157,6 +157,7 @@ impl Shared {
         let ip = match row {
             Row::Tunnel(t) => t.client_ip,
             Row::Request(r) => r.client_ip,
+            Row::Progress(p) => p.client_ip,
         };
         let net = match ip {
             Some(ip) if geoip.any() => geoip.lookup(ip),
@@ -183,8 +184,15 @@ impl Shared {
                 text(out, "close_reason", t.close_reason);
                 let _ = write!(
                     out,
-                    ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"messages_in\":{},\"messages_out\":{},\"duration_ms\":{}",
-                    t.status, t.bytes_in, t.bytes_out, t.messages_in, t.messages_out, t.duration_ms
+                    ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"messages_in\":{},\"messages_out\":{},\"duration_ms\":{},\"bytes_in_rest\":{},\"bytes_out_rest\":{}",
+                    t.status,
+                    t.bytes_in,
+                    t.bytes_out,
+                    t.messages_in,
+                    t.messages_out,
+                    t.duration_ms,
+                    t.bytes_in_rest,
+                    t.bytes_out_rest
                 );
                 (Table::Tunnels, ts)
             }
@@ -200,6 +208,18 @@ impl Shared {
                     r.status, r.bytes_in, r.bytes_out, r.duration_ms
                 );
                 (Table::Requests, ts)
+            }
+            Row::Progress(p) => {
+                let ts = unix(p.ts);
+                let _ = write!(out, "{{\"ts\":{ts}");
+                text(out, "resource", &p.resource);
+                text(out, "hostname", &p.hostname);
+                let _ = write!(
+                    out,
+                    ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{}",
+                    p.status, p.bytes_in, p.bytes_out
+                );
+                (Table::Progress, ts)
             }
         };
         text(out, "edge_id", &s.edge_id);

@@ -16,6 +16,8 @@ pub enum Table {
     Tunnels,
     /// `requests`
     Requests,
+    /// `tunnel_progress`
+    Progress,
 }
 
 impl Table {
@@ -24,6 +26,7 @@ impl Table {
         match self {
             Table::Tunnels => "tunnels",
             Table::Requests => "requests",
+            Table::Progress => "tunnel_progress",
         }
     }
 
@@ -31,6 +34,7 @@ impl Table {
         match s {
             "tunnels" => Some(Table::Tunnels),
             "requests" => Some(Table::Requests),
+            "tunnel_progress" => Some(Table::Progress),
             _ => None,
         }
     }
