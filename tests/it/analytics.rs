@@ -1631,3 +1631,111 @@ async fn a_long_tunnel_reports_its_bytes_while_open_and_none_twice() {
     );
     let _ = std::fs::remove_dir_all(&spill);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_hands_the_rows_in_memory_to_the_new_process() {
+    let ch = ClickHouse::start();
+    ch.migrate("u");
+    let ws_origin = Origin::start(Mode::Echo).await;
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let dir = scratch_dir("upgrade");
+    let sock = dir.join("upgrade.sock");
+    // Rows stay in memory until the old process stops (an hour's flush).
+    let extra = format!("  spill: {{ path: \"{}\" }}", dir.join("spill").display());
+    let yaml = fleet_yaml(&ch, "u", ws_origin.addr, web_origin.addr, "e1", "eu", &extra)
+        .replace("batch: 50, flush: 200ms", "batch: 10000, flush: 1h")
+        .replace(
+            "pingora: { grace_period_seconds: 10 }",
+            &format!(
+                "pingora: {{ upgrade_sock: \"{}\", pid_file: \"{}\", grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 1 }}",
+                sock.display(),
+                dir.join("wsedge.pid").display()
+            ),
+        );
+    assert!(yaml.contains("upgrade_sock"));
+    let mut old = Edge::start(&yaml);
+    let mut seen = Seen::default();
+    tunnels_through(&old, 3, 2, &mut seen).await;
+    requests_through(&old, "web.test", 12, &mut seen).await;
+    assert_eq!(ch.number("SELECT count() FROM u.requests"), 0);
+
+    let path = old.dir.join("wsedge.yaml");
+    let new_dir = scratch_dir("upgrade-new");
+    let new = tokio::task::spawn_blocking(move || Edge::start_file(&path, new_dir, &["-u"]));
+    let deadline = Instant::now() + STEP;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no upgrade socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The new process listens on the socket, then waits in accept: a moment's head start.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    old.signal("QUIT");
+    let new = within("the new process takes over", new).await.unwrap();
+    assert!(old.wait_exit(STEP), "{}", old.log_text());
+    // The old process spilled its rows; the new one finds its files once it has ended.
+    assert_eq!(
+        until_number(
+            &ch,
+            "SELECT count() FROM u.requests",
+            12,
+            Duration::from_secs(30)
+        ),
+        12,
+        "old:\n{}\nnew:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    assert_eq!(
+        until_number(&ch, "SELECT count() FROM u.tunnels", 3, STEP),
+        3
+    );
+    assert_eq!(
+        tunnel_sums(&ch, "u", "tunnels", "eu"),
+        (seen.tunnels, seen.c2o, seen.o2c)
+    );
+    assert!(
+        old.log_text().contains("spilled for the next process"),
+        "{}",
+        old.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_queries_past_two_at_once_are_told_to_come_back() {
+    // A ClickHouse that accepts and never answers: every query waits out its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = scratch_dir("busy");
+    let yaml = format!(
+        "listen: {{ http: [\"127.0.0.1:0\"] }}\nanalytics:\n  clickhouse: {{ url: \"http://{addr}\", timeout: 2s }}\n  spill: {{ path: \"{}\" }}\nresources:\n  - name: chat\n    hostnames: [chat.test]\n    origin: {{ servers: [{{ address: \"127.0.0.1:1\" }}] }}\n",
+        dir.display()
+    );
+    let edge = Edge::start(&yaml);
+    let edge = std::sync::Arc::new(edge);
+    let asks = (0..6).map(|_| {
+        let edge = edge.clone();
+        tokio::spawn(async move { edge.admin_request("GET", "/stats?resource=chat").await })
+    });
+    let answers: Vec<(u16, String)> = within("six queries", futures_util::future::join_all(asks))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let count = |s: u16| answers.iter().filter(|(st, _)| *st == s).count();
+    assert_eq!(count(502), 2, "{answers:?}");
+    assert_eq!(count(503), 4, "{answers:?}");
+    assert!(answers
+        .iter()
+        .any(|(s, b)| *s == 503 && b.contains("try again")));
+    assert!(answers
+        .iter()
+        .any(|(s, b)| *s == 502 && b.contains("did not answer in time")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
