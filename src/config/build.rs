@@ -232,6 +232,48 @@ impl Builder<'_> {
                 ))
             }
         };
+        // Both travel in HTTP headers (X-ClickHouse-User, X-ClickHouse-Key): what a header
+        // cannot carry would fail every request, so it is refused here.
+        if let Some((u, p)) = &user {
+            let visible = |s: &str, space: bool| {
+                s.bytes()
+                    .all(|b| b.is_ascii_graphic() || (space && b == b' '))
+            };
+            if u.is_empty() || u.len() > 128 || !visible(u, false) {
+                return Err(self.invalid(
+                    None,
+                    "analytics.clickhouse.user".into(),
+                    "user",
+                    0,
+                    "a ClickHouse user name of 1 to 128 visible ASCII characters, without spaces (it is sent in an HTTP header)".into(),
+                ));
+            }
+            if p.0.len() > 1024 || !visible(&p.0, true) {
+                return Err(self.invalid(
+                    None,
+                    "analytics.clickhouse.password_file".into(),
+                    "password_file",
+                    0,
+                    "the password (the file's first line) must be printable ASCII of at most 1024 characters: it is sent in an HTTP header".into(),
+                ));
+            }
+        }
+        let spill_dir = relative_to(
+            self.base,
+            a.spill.path.as_deref().unwrap_or(super::DEFAULT_SPILL_DIR),
+        );
+        if spill_dir.exists() && !spill_dir.is_dir() {
+            return Err(self.invalid(
+                None,
+                "analytics.spill.path".into(),
+                "spill",
+                0,
+                format!(
+                    "{} is not a directory: batches are spilled as files in a directory of their own",
+                    spill_dir.display()
+                ),
+            ));
+        }
         let geo_file = |key: &str, p: &Option<String>| -> Result<_, ConfigError> {
             let Some(p) = p else { return Ok(None) };
             let path = relative_to(self.base, p);
@@ -269,10 +311,7 @@ impl Builder<'_> {
                 .timeout
                 .as_ref()
                 .map_or(super::DEFAULT_ANALYTICS_TIMEOUT, |d| d.0),
-            spill_dir: relative_to(
-                self.base,
-                a.spill.path.as_deref().unwrap_or(super::DEFAULT_SPILL_DIR),
-            ),
+            spill_dir,
             spill_max: a.spill.max_size.map_or(super::DEFAULT_SPILL_MAX, |s| s.0),
             edge_id: a.edge.id.as_ref().map_or_else(host_name, |l| l.0.clone()),
             edge_region: a

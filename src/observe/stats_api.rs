@@ -6,7 +6,7 @@ use super::access_log::json_str;
 use super::analytics::fleet_stats::{allowed, retention_days, FleetQuery, MAX_RANGE_DAYS};
 use super::metrics::EdgeStats;
 use super::time::{parse_rfc3339, rfc3339};
-use super::windows::Granularity;
+use super::windows::{BucketView, Granularity};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -250,39 +250,56 @@ impl EdgeStats {
         let buckets = self
             .query(&resource, from, to, g)
             .ok_or_else(|| (404, format!("no resource named \"{resource}\"")))?;
-        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
-        let mut b = String::with_capacity(64 + buckets.len() * 256);
-        b.push_str("{\"resource\":");
-        json_str(&mut b, &resource);
-        let _ = write!(b, ",\"granularity\":\"{granularity}\",\"from\":");
-        json_str(&mut b, &at(from));
-        b.push_str(",\"to\":");
-        json_str(&mut b, &at(to));
-        b.push_str(",\"buckets\":[");
-        for (i, k) in buckets.iter().enumerate() {
-            if i > 0 {
-                b.push(',');
-            }
-            b.push_str("{\"start\":");
-            json_str(&mut b, &at(k.start));
-            let _ = write!(
-                b,
-                ",\"bytes_client_to_origin\":{},\"bytes_origin_to_client\":{},\"bandwidth_avg_bps\":{},\"bandwidth_peak_bps\":{},\"tunnels_opened\":{},\"tunnels_open_peak\":{},\"status\":{{",
-                k.bytes_client_to_origin,
-                k.bytes_origin_to_client,
-                k.avg_bps(),
-                k.peak_bps,
-                k.tunnels_opened,
-                k.tunnels_open_peak
-            );
-            for (j, (code, n)) in k.codes.iter().enumerate() {
-                let _ = write!(b, "{}\"{code}\":{n}", if j > 0 { "," } else { "" });
-            }
-            b.push_str("}}");
-        }
-        b.push_str("]}\n");
-        Ok(b)
+        Ok(answer(&resource, g, from, to, &[], &buckets))
     }
+}
+
+/// A `/stats` answer, this edge's or the fleet's: the query (`fields` are more of it, like
+/// the fleet's filters) and the buckets.
+pub(crate) fn answer(
+    resource: &str,
+    g: Granularity,
+    from: u64,
+    to: u64,
+    fields: &[(&str, &str)],
+    buckets: &[BucketView],
+) -> String {
+    let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+    let mut b = String::with_capacity(128 + buckets.len() * 256);
+    b.push_str("{\"resource\":");
+    json_str(&mut b, resource);
+    let _ = write!(b, ",\"granularity\":\"{}\",\"from\":", g.label());
+    json_str(&mut b, &at(from));
+    b.push_str(",\"to\":");
+    json_str(&mut b, &at(to));
+    for (k, v) in fields {
+        let _ = write!(b, ",\"{k}\":");
+        json_str(&mut b, v);
+    }
+    b.push_str(",\"buckets\":[");
+    for (i, k) in buckets.iter().enumerate() {
+        if i > 0 {
+            b.push(',');
+        }
+        b.push_str("{\"start\":");
+        json_str(&mut b, &at(k.start));
+        let _ = write!(
+            b,
+            ",\"bytes_client_to_origin\":{},\"bytes_origin_to_client\":{},\"bandwidth_avg_bps\":{},\"bandwidth_peak_bps\":{},\"tunnels_opened\":{},\"tunnels_open_peak\":{},\"status\":{{",
+            k.bytes_client_to_origin,
+            k.bytes_origin_to_client,
+            k.avg_bps(),
+            k.peak_bps,
+            k.tunnels_opened,
+            k.tunnels_open_peak
+        );
+        for (j, (code, n)) in k.codes.iter().enumerate() {
+            let _ = write!(b, "{}\"{code}\":{n}", if j > 0 { "," } else { "" });
+        }
+        b.push_str("}}");
+    }
+    b.push_str("]}\n");
+    b
 }
 
 #[cfg(test)]

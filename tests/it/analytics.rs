@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -290,40 +289,62 @@ struct Seen {
     requests: BTreeMap<(String, u16), (u64, u64)>,
 }
 
+/// A tunnel to `chat.test` over a socket that counts its bytes, from its 101 on.
+struct Metered {
+    ws: tokio_tungstenite::WebSocketStream<Counted>,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    at_101: (usize, usize),
+}
+
+impl Metered {
+    async fn open(edge: &Edge) -> Metered {
+        let stream = Counted::connect(edge.addr).await;
+        let (read, written) = (stream.read.clone(), stream.written.clone());
+        let req = ws_request_for(edge.addr, "chat.test");
+        let (ws, _) = within("handshake", tokio_tungstenite::client_async(req, stream))
+            .await
+            .unwrap();
+        let at_101 = (written.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
+        Metered {
+            ws,
+            read,
+            written,
+            at_101,
+        }
+    }
+
+    /// Closes it (`code`) and waits for its end; the bytes each way after the 101, as the
+    /// client counted them: (client to origin, origin to client).
+    async fn close(mut self, code: Option<u16>) -> (u64, u64) {
+        let frame = code.map(|c| CloseFrame {
+            code: c.into(),
+            reason: "".into(),
+        });
+        within("close", self.ws.close(frame)).await.unwrap();
+        while let Some(Ok(_)) = within("close answer", self.ws.next()).await {}
+        (
+            (self.written.load(Ordering::SeqCst) - self.at_101.0) as u64,
+            (self.read.load(Ordering::SeqCst) - self.at_101.1) as u64,
+        )
+    }
+}
+
 /// `n` tunnels to `chat.test`, each echoing `messages` messages of growing sizes and closed
 /// by the client; their bytes as the client counted them.
 async fn tunnels_through(edge: &Edge, n: usize, messages: usize, seen: &mut Seen) {
     for t in 0..n {
-        let stream = Counted::connect(edge.addr).await;
-        let (read, written) = (stream.read.clone(), stream.written.clone());
-        let mut req = format!("ws://{}/ws", edge.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("host", http::HeaderValue::from_static("chat.test"));
-        let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(req, stream))
-            .await
-            .unwrap();
-        let (r0, w0) = (read.load(Ordering::SeqCst), written.load(Ordering::SeqCst));
+        let mut tunnel = Metered::open(edge).await;
         for m in 0..messages {
             let body = pattern(1 + (t * 37 + m * 101) % 300, m as u8);
             assert_eq!(
-                echo_once(&mut ws, Message::binary(body.clone())).await,
+                echo_once(&mut tunnel.ws, Message::binary(body.clone())).await,
                 Message::binary(body)
             );
         }
-        within(
-            "close",
-            ws.close(Some(CloseFrame {
-                code: 1000.into(),
-                reason: "".into(),
-            })),
-        )
-        .await
-        .unwrap();
-        while let Some(Ok(_)) = within("close answer", ws.next()).await {}
-        seen.c2o += (written.load(Ordering::SeqCst) - w0) as u64;
-        seen.o2c += (read.load(Ordering::SeqCst) - r0) as u64;
+        let (c2o, o2c) = tunnel.close(Some(1000)).await;
+        seen.c2o += c2o;
+        seen.o2c += o2c;
         seen.tunnels += 1;
     }
 }
@@ -964,6 +985,10 @@ fn hostile_analytics_settings_are_refused_at_their_key() {
     // The metadata marker and nothing sound after it (the reader indexed past the end).
     let marker = dir.join("marker.mmdb");
     std::fs::write(&marker, b"\xAB\xCD\xEFMaxMind.com garbage").unwrap();
+    let plain = dir.join("a-file");
+    std::fs::write(&plain, "not a directory").unwrap();
+    let bad_password = dir.join("bad-password");
+    std::fs::write(&bad_password, "pass\u{7f}word\n").unwrap();
     let base = |analytics: &str| {
         format!(
             "listen: {{ http: [\"127.0.0.1:0\"] }}\nanalytics:\n{analytics}\nresources:\n  - name: a\n    hostnames: [a.test]\n    origin: {{ servers: [{{ address: \"127.0.0.1:1\" }}] }}\n"
@@ -1063,6 +1088,39 @@ fn hostile_analytics_settings_are_refused_at_their_key() {
             "  clickhouse: { url: \"http://ch:8123\", unknown: 1 }".into(),
             "unknown field",
         ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\" }\n  interim: 0s".into(),
+            "zero",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\" }\n  interim: forever".into(),
+            "invalid duration",
+        ),
+        (
+            "  clickhouse: { url: \"http://ch:8123\", user: \"a b\" }".into(),
+            "analytics.clickhouse.user",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\", user: \"{}\" }}",
+                "u".repeat(129)
+            ),
+            "analytics.clickhouse.user",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\", user: u, password_file: \"{}\" }}",
+                bad_password.display()
+            ),
+            "printable ASCII",
+        ),
+        (
+            format!(
+                "  clickhouse: {{ url: \"http://ch:8123\" }}\n  spill: {{ path: \"{}\" }}",
+                plain.display()
+            ),
+            "not a directory",
+        ),
     ];
     for (analytics, says) in cases {
         let out = check_config("wsedge.yaml", &base(&analytics));
@@ -1159,12 +1217,9 @@ async fn stats_answers_for_the_fleet_by_resource_region_and_isp_with_the_range_r
     tunnels_through(&us, 4, 2, &mut seen_us).await;
     // Five tunnels open at once through eu (apart from the others in time).
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let url = format!("ws://{}/ws", eu.addr);
     let mut held = Vec::new();
     for _ in 0..5 {
-        let mut req = url.as_str().into_client_request().unwrap();
-        req.headers_mut()
-            .insert("host", http::HeaderValue::from_static("chat.test"));
+        let req = ws_request_for(eu.addr, "chat.test");
         held.push(
             within("open", tokio_tungstenite::connect_async(req))
                 .await
@@ -1575,32 +1630,19 @@ async fn a_long_tunnel_reports_its_bytes_while_open_and_none_twice() {
         &extra,
     ));
     // One tunnel, a message each way every 200 ms for 3.5 s.
-    let stream = Counted::connect(edge.addr).await;
-    let (read, written) = (stream.read.clone(), stream.written.clone());
-    let mut req = format!("ws://{}/ws", edge.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("host", http::HeaderValue::from_static("chat.test"));
-    let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(req, stream))
-        .await
-        .unwrap();
-    let (r0, w0) = (read.load(Ordering::SeqCst), written.load(Ordering::SeqCst));
+    let mut tunnel = Metered::open(&edge).await;
     let started = Instant::now();
     let mut m = 0;
     while started.elapsed() < Duration::from_millis(3500) && m < 100 {
         let body = pattern(100 + m * 13, m as u8);
         assert_eq!(
-            echo_once(&mut ws, Message::binary(body.clone())).await,
+            echo_once(&mut tunnel.ws, Message::binary(body.clone())).await,
             Message::binary(body)
         );
         m += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    within("close", ws.close(None)).await.unwrap();
-    while let Some(Ok(_)) = within("close answer", ws.next()).await {}
-    let c2o = (written.load(Ordering::SeqCst) - w0) as u64;
-    let o2c = (read.load(Ordering::SeqCst) - r0) as u64;
+    let (c2o, o2c) = tunnel.close(None).await;
 
     // The rollups hold every byte once: reported while open, and the rest at the close.
     let sql = "SELECT sum(bytes_in) + sum(bytes_out) FROM p.traffic_5m";
@@ -1738,4 +1780,88 @@ async fn fleet_queries_past_two_at_once_are_told_to_come_back() {
         .iter()
         .any(|(s, b)| *s == 502 && b.contains("did not answer in time")));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server on loopback that answers every request on it with `answer` (read a little of
+/// the request first), then closes: a ClickHouse gone wrong.
+async fn answering(answer: Vec<u8>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clickhouse_answers_are_errors_and_the_rows_wait() {
+    let web_origin = Origin::start(Mode::Status(200)).await;
+    let huge = {
+        let mut a = b"HTTP/1.1 200 OK\r\nContent-Length: 20971520\r\n\r\n".to_vec();
+        a.resize(a.len() + (20 << 20), b'1');
+        a
+    };
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "not HTTP",
+            b"\x00\x01garbage that is not HTTP\r\n\r\n".to_vec(),
+            "cannot reach ClickHouse",
+        ),
+        ("20 MiB", huge, "reading its answer: length limit exceeded"),
+        (
+            "an error page",
+            b"HTTP/1.1 500 Internal\r\nContent-Length: 22\r\n\r\nCode: 1\x07\x1b[31m evil\nnext"
+                .to_vec(),
+            "ClickHouse refused (500): Code: 1[31m evil",
+        ),
+    ];
+    for (what, answer, says) in cases {
+        let addr = answering(answer).await;
+        let dir = scratch_dir("hostile-ch");
+        let yaml = format!(
+            "listen: {{ http: [\"127.0.0.1:0\"] }}\nanalytics:\n  clickhouse: {{ url: \"http://{addr}\", batch: 5, flush: 100ms, timeout: 2s }}\n  spill: {{ path: \"{}\" }}\nresources:\n  - name: web\n    hostnames: [web.test]\n    origin: {{ servers: [{{ address: \"{}\" }}] }}\n",
+            dir.display(),
+            web_origin.addr
+        );
+        let edge = Edge::start(&yaml);
+        // /stats for the fleet: a 502 that says what went wrong, one line, no control
+        // characters.
+        let (status, body) = edge.admin_request("GET", "/stats?resource=web").await;
+        assert_eq!(status, 502, "{what}: {body}");
+        assert!(body.contains(says), "{what}: {body}");
+        assert!(
+            !body.contains('\u{7}') && !body.contains("next"),
+            "{what}: {body}"
+        );
+        // Rows: served, counted as not stored, nothing dropped.
+        let mut seen = Seen::default();
+        requests_through(&edge, "web.test", 10, &mut seen).await;
+        assert_eq!(
+            seen.requests.get(&("web".to_string(), 200)).map(|v| v.0),
+            Some(10)
+        );
+        let end = Instant::now() + STEP;
+        loop {
+            let (_, text) = edge.admin_request("GET", "/metrics").await;
+            let errors = metric(&text, "wsedge_analytics_errors_total").unwrap_or(0.0);
+            if errors >= 1.0 || Instant::now() > end {
+                assert!(errors >= 1.0, "{what}: {text}");
+                assert_eq!(metric_of(&text, "sent"), 0, "{what}");
+                assert_eq!(metric_of(&text, "dropped"), 0, "{what}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

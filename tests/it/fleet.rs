@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 const PREFIX: &str = "/wsedge/";
@@ -132,14 +131,8 @@ async fn until_healthz(
 async fn tunnels_for(edge: &Edge, host: &'static str, n: usize) -> Vec<Ws> {
     let mut all = Vec::with_capacity(n);
     for chunk in 0..n.div_ceil(50) {
-        let batch = (chunk * 50..((chunk + 1) * 50).min(n)).map(|_| {
-            let mut req = format!("ws://{}/ws", edge.addr)
-                .into_client_request()
-                .unwrap();
-            req.headers_mut()
-                .insert("host", http::HeaderValue::from_static(host));
-            tokio_tungstenite::connect_async(req)
-        });
+        let batch = (chunk * 50..((chunk + 1) * 50).min(n))
+            .map(|_| tokio_tungstenite::connect_async(ws_request_for(edge.addr, host)));
         for r in within("open tunnels", futures_util::future::join_all(batch)).await {
             all.push(r.expect("tunnel opens").0);
         }

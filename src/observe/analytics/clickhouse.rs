@@ -104,7 +104,7 @@ impl Client {
                     .collect()
                     .await
                     .map(|b| b.to_bytes())
-                    .map_err(|e| Failure::Unreachable(e.to_string()))?;
+                    .map_err(|e| Failure::Unreachable(format!("reading its answer: {e}")))?;
                 if status == 200 {
                     Ok(body)
                 } else {

@@ -6,13 +6,11 @@
 
 use super::clickhouse::{literal, Client, Failure};
 use crate::config::Analytics;
-use crate::observe::access_log::json_str;
-use crate::observe::time::rfc3339;
-use crate::observe::windows::Granularity;
+use crate::observe::stats_api::answer;
+use crate::observe::windows::{BucketView, Granularity};
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// The longest range one query covers: three months.
 pub const MAX_RANGE_DAYS: u64 = 93;
@@ -115,6 +113,13 @@ impl FleetStats {
             )
         };
         let filters = self.filters(q);
+        // The rows of a rollup this query reads.
+        let rollup = format!(
+            "resource = {} AND bucket >= toDateTime({}) AND bucket < toDateTime({}){filters}",
+            literal(&q.resource),
+            q.from,
+            q.to
+        );
         let mut buckets: BTreeMap<u64, Bucket> = BTreeMap::new();
         let mut start = q.from;
         while start < q.to {
@@ -123,11 +128,8 @@ impl FleetStats {
         }
         // Bytes, tunnels opened and statuses.
         let sql = format!(
-            "SELECT toUInt32(bucket), status, sum(bytes_in), sum(bytes_out), sum(tunnels_opened), sum(requests) FROM {} WHERE resource = {} AND bucket >= toDateTime({}) AND bucket < toDateTime({}){filters} GROUP BY bucket, status FORMAT TSV",
+            "SELECT toUInt32(bucket), status, sum(bytes_in), sum(bytes_out), sum(tunnels_opened), sum(requests) FROM {} WHERE {rollup} GROUP BY bucket, status FORMAT TSV",
             table(g),
-            literal(&q.resource),
-            q.from,
-            q.to
         );
         for f in self.rows(&sql).await.map_err(failed)? {
             let Some(b) = buckets.get_mut(&f[0]) else {
@@ -156,11 +158,8 @@ impl FleetStats {
         if let Some(fine) = finer {
             let (fw, _) = fine.shape();
             let sql = format!(
-                "SELECT intDiv(toUInt32(bucket), {width}) * {width} AS b, max(bits) FROM (SELECT bucket, sum(bytes_in + bytes_out) * 8 AS bits FROM {} WHERE resource = {} AND bucket >= toDateTime({}) AND bucket < toDateTime({}){filters} GROUP BY bucket) GROUP BY b FORMAT TSV",
+                "SELECT intDiv(toUInt32(bucket), {width}) * {width} AS b, max(bits) FROM (SELECT bucket, sum(bytes_in + bytes_out) * 8 AS bits FROM {} WHERE {rollup} GROUP BY bucket) GROUP BY b FORMAT TSV",
                 table(fine),
-                literal(&q.resource),
-                q.from,
-                q.to
             );
             for f in self.rows(&sql).await.map_err(failed)? {
                 if let Some(b) = buckets.get_mut(&f[0]) {
@@ -172,14 +171,20 @@ impl FleetStats {
             .await
             .map_err(failed)?;
 
-        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
-        let mut out = String::with_capacity(128 + buckets.len() * 256);
-        out.push_str("{\"source\":\"fleet\",\"resource\":");
-        json_str(&mut out, &q.resource);
-        let _ = write!(out, ",\"granularity\":\"{}\",\"from\":", g.label());
-        json_str(&mut out, &at(q.from));
-        out.push_str(",\"to\":");
-        json_str(&mut out, &at(q.to));
+        let views: Vec<BucketView> = buckets
+            .into_iter()
+            .map(|(start, b)| BucketView {
+                start,
+                width,
+                bytes_client_to_origin: b.bytes_in,
+                bytes_origin_to_client: b.bytes_out,
+                peak_bps: b.peak_bps,
+                tunnels_opened: b.tunnels_opened,
+                tunnels_open_peak: b.open_peak.max(0) as u64,
+                codes: b.codes.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            })
+            .collect();
+        let mut fields = vec![("source", "fleet")];
         for (k, v) in [
             ("hostname", &q.hostname),
             ("region", &q.region),
@@ -187,34 +192,10 @@ impl FleetStats {
             ("edge_region", &q.edge_region),
         ] {
             if let Some(v) = v {
-                let _ = write!(out, ",\"{k}\":");
-                json_str(&mut out, v);
+                fields.push((k, v.as_str()));
             }
         }
-        out.push_str(",\"buckets\":[");
-        for (i, (start, b)) in buckets.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str("{\"start\":");
-            json_str(&mut out, &at(*start));
-            let _ = write!(
-                out,
-                ",\"bytes_client_to_origin\":{},\"bytes_origin_to_client\":{},\"bandwidth_avg_bps\":{},\"bandwidth_peak_bps\":{},\"tunnels_opened\":{},\"tunnels_open_peak\":{},\"status\":{{",
-                b.bytes_in,
-                b.bytes_out,
-                (b.bytes_in + b.bytes_out) * 8 / width,
-                b.peak_bps,
-                b.tunnels_opened,
-                b.open_peak
-            );
-            for (j, (code, n)) in b.codes.iter().enumerate() {
-                let _ = write!(out, "{}\"{code}\":{n}", if j > 0 { "," } else { "" });
-            }
-            out.push_str("}}");
-        }
-        out.push_str("]}\n");
-        Ok(out)
+        Ok(answer(&q.resource, g, q.from, q.to, &fields, &views))
     }
 
     /// ` AND column = 'value'` for each filter.

@@ -18,6 +18,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +41,8 @@ struct Open {
     min_ts: u64,
     max_ts: u64,
     since: Option<Instant>,
+    /// Its id, given with its first row (every row carries it).
+    id: String,
 }
 
 struct State {
@@ -76,16 +79,20 @@ impl Shared {
         for row in rows {
             line.clear();
             let (table, ts) = self.format(&mut line, &row, &geoip);
-            let open = &mut st.open[table as usize];
-            if open.rows == 0 {
+            if st.open[table as usize].rows == 0 {
+                st.seq += 1;
+                let open = &mut st.open[table as usize];
                 open.since = Some(Instant::now());
                 open.min_ts = ts;
                 open.max_ts = ts;
+                open.id = format!("{}-{}", self.run, st.seq);
             }
+            let open = &mut st.open[table as usize];
             open.min_ts = open.min_ts.min(ts);
             open.max_ts = open.max_ts.max(ts);
             open.body.extend_from_slice(line.as_bytes());
-            open.body.push(b'\n');
+            // The batch id is every row's last field.
+            let _ = writeln!(open.body, ",\"batch_id\":\"{}\"}}", open.id);
             open.rows += 1;
             if open.rows as usize >= self.settings.batch {
                 self.seal(st, table);
@@ -108,9 +115,8 @@ impl Shared {
 
     fn seal(&self, st: &mut State, table: Table) {
         let open = std::mem::take(&mut st.open[table as usize]);
-        st.seq += 1;
         let batch = Batch {
-            id: format!("{}-{}", self.run, st.seq),
+            id: open.id,
             table,
             rows: open.rows,
             min_ts: open.min_ts,
@@ -118,8 +124,6 @@ impl Shared {
             body: Bytes::from(open.body),
             attempted: false,
         };
-        // The batch id in every row: the rows are found by it after an uncertain insert.
-        let batch = with_id(batch);
         st.outbox.push_back(batch);
         while st.outbox.len() > OUTBOX {
             let oldest = st.outbox.pop_front().expect("longer than OUTBOX");
@@ -228,7 +232,8 @@ impl Shared {
         text(out, "client_region", &net.region);
         text(out, "isp", &net.isp);
         let _ = write!(out, ",\"client_asn\":{}", net.asn);
-        // The batch id is the row's last field, added when the batch is sealed.
+        // The batch id closes the row, written by `collect` (the rows are found by it after
+        // an uncertain insert).
         (table, ts)
     }
 
@@ -250,19 +255,6 @@ impl Shared {
             log::info!("analytics: {n} batches spilled for the next process to send");
         }
     }
-}
-
-/// Ends every line of `batch` with its id (`,"batch_id":"..."}`).
-fn with_id(mut batch: Batch) -> Batch {
-    let tail = format!(",\"batch_id\":\"{}\"}}\n", batch.id);
-    let mut body = Vec::with_capacity(batch.body.len() + batch.rows as usize * tail.len());
-    for line in batch.body.split_inclusive(|&b| b == b'\n') {
-        body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
-        body.extend_from_slice(tail.as_bytes());
-    }
-    // `format` ends no line: each row was written without its closing brace and newline.
-    batch.body = Bytes::from(body);
-    batch
 }
 
 /// The background service that ships a feed's rows.

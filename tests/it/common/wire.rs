@@ -54,6 +54,19 @@ pub async fn open_tunnels(url: &str, n: usize) -> Vec<Ws> {
     all
 }
 
+/// A WebSocket client request for `ws://{addr}/ws` with the Host `host` (a resource's
+/// name where the address is an IP).
+pub fn ws_request_for(
+    addr: SocketAddr,
+    host: &'static str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("host", http::HeaderValue::from_static(host));
+    req
+}
+
 /// Sends a raw HTTP request and reads the whole answer (until the server closes or the
 /// answer's Content-Length is complete).
 pub async fn raw_request(addr: SocketAddr, req: &str) -> String {
