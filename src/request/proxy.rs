@@ -224,7 +224,7 @@ impl EdgeProxy {
             }
             Outcome::Failed(answer) => {
                 site.stats.handshake(answer.outcome());
-                respond(session, answer, true).await?;
+                Box::pin(respond(session, answer, true)).await?;
             }
         }
         Ok(())

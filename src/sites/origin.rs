@@ -199,14 +199,22 @@ impl OriginGroup {
         if tried.len() >= self.size {
             return None;
         }
-        let key = match client {
-            Some(IpAddr::V4(ip)) => ip.octets().to_vec(),
-            Some(IpAddr::V6(ip)) => ip.octets().to_vec(),
-            None => Vec::new(),
+        // The client's address as the hash key, on the stack.
+        let mut buf = [0u8; 16];
+        let key: &[u8] = match client {
+            Some(IpAddr::V4(ip)) => {
+                buf[..4].copy_from_slice(&ip.octets());
+                &buf[..4]
+            }
+            Some(IpAddr::V6(ip)) => {
+                buf = ip.octets();
+                &buf
+            }
+            None => &[],
         };
         self.primary
-            .select(&key, tried)
-            .or_else(|| self.backup.as_ref()?.select(&key, tried))
+            .select(key, tried)
+            .or_else(|| self.backup.as_ref()?.select(key, tried))
     }
 
     /// Servers in the group.

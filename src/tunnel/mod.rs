@@ -104,7 +104,7 @@ pub async fn open(
         drain,
         h2_key,
     } = tunnel;
-    let Some((mut up, server)) = send_upgrade(res, group, connector, &req, &info).await else {
+    let Some((mut up, server)) = send_upgrade(res, group, connector, req, &info).await else {
         return Ok(Outcome::Failed(Answer::OriginUnreachable));
     };
     let resp = match read_answer(session, &mut up, res, server).await? {
@@ -125,7 +125,15 @@ pub async fn open(
         // Not a tunnel: its slot is free now, and the answer is passed on within bounds.
         drop(slot);
         let status = resp.status.as_u16();
-        pass_answer(session, &mut up, resp, res.websocket.handshake_timeout).await?;
+        // Boxed, as every path off the 101's: a future kept inline makes every handshake's
+        // larger, and each move of it costs a copy of its size.
+        Box::pin(pass_answer(
+            session,
+            &mut up,
+            resp,
+            res.websocket.handshake_timeout,
+        ))
+        .await?;
         return Ok(Outcome::Refused(status));
     }
     // RFC 6455 §4.1: a 101 that does not switch to websocket is not a WebSocket answer;
@@ -221,14 +229,21 @@ async fn send_upgrade(
     res: &Resource,
     group: &OriginGroup,
     connector: &Connector,
-    req: &RequestHeader,
+    req: RequestHeader,
     info: &TunnelInfo,
 ) -> Option<(OriginSession, SocketAddr)> {
     let mut tried = Vec::with_capacity(group.size());
+    // Copied for each server but the last one the group can give (usually the first).
+    let mut req = Some(Box::new(req));
     while let Some(server) = group.next(info.client_ip, &tried) {
         tried.push(server);
+        let this = match tried.len() < group.size() {
+            true => req.clone(),
+            false => req.take(),
+        };
+        let Some(this) = this else { break };
         match connect(res, server, info, connector).await {
-            Ok(mut up) => match up.write_request_header(Box::new(req.clone())).await {
+            Ok(mut up) => match up.write_request_header(this).await {
                 Ok(_) => return Some((up, server)),
                 Err(e) => log::warn!(
                     "resource {}: origin {server}: sending the upgrade: {e}",
@@ -313,7 +328,9 @@ async fn connect(
 ) -> Result<OriginSession, String> {
     if origin::uses_tls(res.origin.protocol, info.tls) {
         let peer = origin::peer(res, server, info.tls, &info.host);
-        return match connector.get_http_session(&peer).await {
+        // Boxed: the TLS connect's future is about 10 KB, which a plain origin's
+        // handshake would otherwise carry (and copy) too.
+        return match Box::pin(connector.get_http_session(&peer)).await {
             Ok((up, _reused)) => Ok(up),
             Err(e) => Err(e.to_string()),
         };
