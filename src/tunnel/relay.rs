@@ -473,6 +473,9 @@ pub struct Relay<C, O> {
     /// Armed once and moved only when it fires (or when a Ping went out): traffic just
     /// records the time.
     timer: Pin<Box<Sleep>>,
+    /// The timer was polled since it was last set, so it holds this task's waker (a reset
+    /// keeps it): until its deadline, it need not be polled again.
+    timer_polled: bool,
     /// The client is done sending after its Close; the origin was (`origin_shut`) or is
     /// being shut down for writing.
     client_eof: bool,
@@ -545,6 +548,7 @@ where
             timer: Box::pin(tokio::time::sleep_until(
                 (now + idle).min(lifetime_end).min(first_beat),
             )),
+            timer_polled: false,
             client_eof: false,
             origin_shut: false,
             shutdown_client,
@@ -608,9 +612,9 @@ where
             |f| guard.origin_to_client(f),
             &mut from_origin,
         );
-        self.note(&from_client, &from_origin);
+        let now = self.note(&from_client, &from_origin);
         match o2c {
-            Poll::Pending => self.poll_limits(cx),
+            Poll::Pending => self.poll_limits(cx, now),
             Poll::Ready(end) => Poll::Ready(self.origin_end(end)),
         }
     }
@@ -673,9 +677,10 @@ where
 
     /// Records what moved: the time of the last application data (the edge's pings and
     /// the pongs they bring are not application data), and heartbeats heard and sent.
-    fn note(&mut self, c: &Moved, o: &Moved) {
+    /// Returns the time it read, if it read the clock.
+    fn note(&mut self, c: &Moved, o: &Moved) -> Option<Instant> {
         if !(c.read || o.read || c.ping_out || o.ping_out) {
-            return;
+            return None;
         }
         let now = Instant::now();
         if c.forwarded || o.forwarded {
@@ -683,7 +688,7 @@ where
             self.guard.progress(now.into_std());
         }
         let Some(beats) = self.beats.as_deref_mut() else {
-            return;
+            return Some(now);
         };
         // The client's heartbeat: its bytes come on c2o, its pings go on o2c.
         for (beat, side, from, toward) in [
@@ -704,9 +709,11 @@ where
                 // The timer may be set later than the answer is due.
                 if let Some(due) = beat.next().filter(|&d| d < self.timer.deadline()) {
                     self.timer.as_mut().reset(due);
+                    self.timer_polled = false;
                 }
             }
         }
+        Some(now)
     }
 
     /// A drain started or was cancelled: this tunnel's moment is drawn (or forgotten), and
@@ -721,12 +728,18 @@ where
         }
         if let Some((at, _)) = link.at.filter(|&(at, _)| at < self.timer.deadline()) {
             self.timer.as_mut().reset(at);
+            self.timer_polled = false;
         }
     }
 
     /// When the timer fires: whether a limit was reached or a heartbeat is due, else the
-    /// timer is moved on.
-    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
+    /// timer is moved on. `seen` is the time this poll read, if it read the clock: a timer
+    /// that holds this task's waker and is not due by then has not fired, and is not
+    /// polled (most polls of a busy tunnel are for a message, not for the timer).
+    fn poll_limits(&mut self, cx: &mut Context<'_>, seen: Option<Instant>) -> Poll<Cause> {
+        if self.timer_polled && seen.is_some_and(|now| now < self.timer.deadline()) {
+            return Poll::Pending;
+        }
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if now >= self.lifetime_end {
@@ -759,6 +772,7 @@ where
             }
             self.timer.as_mut().reset(next);
         }
+        self.timer_polled = true;
         Poll::Pending
     }
 
@@ -898,6 +912,7 @@ where
             };
             if self.timer.deadline() != next {
                 self.timer.as_mut().reset(next);
+                self.timer_polled = false;
             }
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -992,6 +1007,7 @@ where
             this.guard.finish(reason, codes);
             this.closing = true;
             this.timer.as_mut().reset(Instant::now() + CLOSE_WAIT);
+            this.timer_polled = false;
         }
         // A TLS client gets its close_notify and FIN, bounded: it may have stopped reading.
         if !this.shutdown_client
