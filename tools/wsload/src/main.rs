@@ -44,24 +44,48 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// utime + stime of `pid`, in microseconds.
-fn cpu_micros(pid: u64) -> Option<u64> {
+/// (utime + stime, utime) of `pid`, in microseconds.
+fn cpu_micros(pid: u64) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let user: u64 = f.get(11)?.parse().ok()?;
+    let ticks = user + f.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(ticks * 1_000_000 / hz)
+    Some((ticks * 1_000_000 / hz, user * 1_000_000 / hz))
 }
 
 /// Summed CPU of several processes (nginx's and HAProxy's workers, say).
 fn cpu_of(pids: &[u64]) -> Option<u64> {
+    cpu_split(pids).map(|(all, _)| all)
+}
+
+/// Summed (all, user-space) CPU of several processes.
+fn cpu_split(pids: &[u64]) -> Option<(u64, u64)> {
     if pids.is_empty() {
         return None;
     }
-    pids.iter().map(|&p| cpu_micros(p)).sum()
+    pids.iter()
+        .map(|&p| cpu_micros(p))
+        .try_fold((0, 0), |(a, u), c| c.map(|(ca, cu)| (a + ca, u + cu)))
+}
+
+/// CPU per operation between two readings, as JSON (all, user space): `null` without a pid.
+fn per_op(
+    before: Option<(u64, u64)>,
+    after: Option<(u64, u64)>,
+    ops: f64,
+    digits: usize,
+) -> (String, String) {
+    match (before, after) {
+        (Some(a), Some(b)) => (
+            format!("{:.digits$}", (b.0 - a.0) as f64 / ops),
+            format!("{:.digits$}", (b.1 - a.1) as f64 / ops),
+        ),
+        _ => ("null".into(), "null".into()),
+    }
 }
 
 /// Summed resident memory of processes, KiB.
@@ -225,7 +249,7 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, window: u64, pids
         sockets.push(ws);
     }
     let done = Arc::new(AtomicUsize::new(0));
-    let cpu0 = cpu_of(pids);
+    let cpu0 = cpu_split(pids);
     let start = Instant::now();
     let payload = vec![b'x'; size as usize];
     let window = window.max(1) as usize;
@@ -284,17 +308,14 @@ async fn echo(url: &str, conns: u64, messages: u64, size: u64, window: u64, pids
         lat.extend(t.await.expect("a client task"));
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu1 = cpu_of(pids);
+    let cpu1 = cpu_split(pids);
     progress.abort();
     eprintln!();
     lat.sort_unstable();
     let n = lat.len() as f64;
-    let cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => format!("{:.2}", (b - a) as f64 / n),
-        _ => "null".into(),
-    };
+    let (cpu, user) = per_op(cpu0, cpu1, n, 2);
     println!(
-        "{{\"round_trips\":{},\"seconds\":{secs:.3},\"round_trips_per_s\":{:.0},\"mb_per_s_each_way\":{:.1},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"cpu_us_per_round_trip\":{cpu}}}",
+        "{{\"round_trips\":{},\"seconds\":{secs:.3},\"round_trips_per_s\":{:.0},\"mb_per_s_each_way\":{:.1},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"cpu_us_per_round_trip\":{cpu},\"user_us_per_round_trip\":{user}}}",
         lat.len(),
         n / secs,
         n * size as f64 / secs / 1e6,
@@ -438,7 +459,7 @@ async fn run_handshakes<W: Send + Sync + 'static>(
 ) {
     let done = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
-    let cpu0 = cpu_of(pids);
+    let cpu0 = cpu_split(pids);
     let start = Instant::now();
     let tasks: Vec<_> = workers
         .into_iter()
@@ -465,12 +486,9 @@ async fn run_handshakes<W: Send + Sync + 'static>(
         t.await.expect("a client task");
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = match (cpu0, cpu_of(pids)) {
-        (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / count as f64),
-        _ => "null".into(),
-    };
+    let (cpu, user) = per_op(cpu0, cpu_split(pids), count as f64, 1);
     println!(
-        "{{\"handshakes\":{count},\"failures\":{},\"seconds\":{secs:.3},\"handshakes_per_s\":{:.0},\"cpu_us_per_handshake\":{cpu}}}",
+        "{{\"handshakes\":{count},\"failures\":{},\"seconds\":{secs:.3},\"handshakes_per_s\":{:.0},\"cpu_us_per_handshake\":{cpu},\"user_us_per_handshake\":{user}}}",
         failures.load(Ordering::Relaxed),
         count as f64 / secs
     );
