@@ -89,13 +89,25 @@ pub enum RunError {
 }
 
 /// Pingora's `ServerConf` from the file's `pingora:` section (validated at load).
+///
+/// Unless the section sets `work_stealing`, wsedge turns it off: each of the `threads`
+/// runs a runtime of its own, as nginx's workers are processes of their own. A
+/// connection, its origin connection and its tunnel then stay on the thread that took
+/// the connection, and handing the relay to a task of its own or waking it for a message
+/// does not wake another thread (measured in docs/benchmarks.md, issue 19).
 pub fn server_conf(config: &Config) -> ServerConf {
-    config
-        .pingora_yaml
-        .as_deref()
+    let yaml = config.pingora_yaml.as_deref();
+    let mut conf = yaml
         .and_then(|y| ServerConf::from_yaml(y).ok())
         .or_else(ServerConf::new)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let set = yaml
+        .and_then(|y| serde_yaml::from_str::<serde_yaml::Mapping>(y).ok())
+        .is_some_and(|m| m.contains_key("work_stealing"));
+    if !set {
+        conf.work_stealing = false;
+    }
+    conf
 }
 
 /// Builds the resource table as a start would, turning a panic into an error: `-t` and

@@ -444,3 +444,32 @@ fn a_fifo_a_directory_or_a_huge_file_is_refused_at_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Pingora's `work_stealing` is off unless the `pingora:` section turns it on (each thread
+/// a runtime of its own, as nginx's workers); whatever else the section holds is kept, and
+/// a value Pingora cannot read is refused at load with the file, the line and the key.
+#[test]
+fn threads_run_runtimes_of_their_own_unless_the_pingora_section_says_otherwise() {
+    let conf = |pingora: &str| {
+        let yaml = format!("{pingora}{GOOD}");
+        let config = wsedge::Config::from_yaml("wsedge.yaml", &yaml).unwrap();
+        wsedge::server_conf(&config)
+    };
+    let none = conf("");
+    assert!(!none.work_stealing);
+    let other_keys = conf("pingora: { threads: 3, grace_period_seconds: 7 }\n");
+    assert!(!other_keys.work_stealing);
+    assert_eq!(other_keys.threads, 3);
+    assert_eq!(other_keys.grace_period_seconds, Some(7));
+    assert!(conf("pingora: { work_stealing: true }\n").work_stealing);
+    assert!(!conf("pingora: { work_stealing: false }\n").work_stealing);
+    // A key that only mentions the word is not the key.
+    assert!(!conf("pingora: { upgrade_sock: /tmp/work_stealing.sock }\n").work_stealing);
+    for hostile in ["\"yes\"", "1", "[true]", "{ on: true }", "~"] {
+        let yaml = format!("pingora: {{ work_stealing: {hostile} }}\n{GOOD}");
+        let (ok, err, file) = check(&yaml);
+        assert!(!ok, "work_stealing: {hostile} should be refused");
+        assert!(err.contains(&format!("{file}:")), "want the file in: {err}");
+        assert!(err.contains("pingora"), "want the key in: {err}");
+    }
+}
