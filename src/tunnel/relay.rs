@@ -488,6 +488,8 @@ pub struct Relay<C, O> {
     ending: Option<Box<Ending>>,
     /// Set once the relay ended: the FIN to the client is on its way.
     closing: bool,
+    /// The timer bounds a client's shutdown that did not complete at once.
+    close_wait_set: bool,
 }
 
 impl<C, O> Relay<C, O>
@@ -556,6 +558,7 @@ where
             drain,
             ending: None,
             closing: false,
+            close_wait_set: false,
         };
         // Bytes that came with the handshake go first, through the scanners like any
         // other (a frame that breaks a limit among them ends the tunnel at once).
@@ -1006,14 +1009,19 @@ where
             let codes = this.codes(edge);
             this.guard.finish(reason, codes);
             this.closing = true;
+        }
+        // A TLS client gets its close_notify and FIN, bounded: it may have stopped reading.
+        if !this.shutdown_client || Pin::new(&mut this.client).poll_shutdown(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // The bound is set only for a shutdown that waits: moving the timer earlier wakes
+        // the runtime's driver (an eventfd write), which most tunnels' ends need not pay.
+        if !this.close_wait_set {
+            this.close_wait_set = true;
             this.timer.as_mut().reset(Instant::now() + CLOSE_WAIT);
             this.timer_polled = false;
         }
-        // A TLS client gets its close_notify and FIN, bounded: it may have stopped reading.
-        if !this.shutdown_client
-            || Pin::new(&mut this.client).poll_shutdown(cx).is_ready()
-            || this.timer.as_mut().poll(cx).is_ready()
-        {
+        if this.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
         Poll::Pending
@@ -1053,6 +1061,27 @@ mod tests {
 
     fn relay_with(keys: &str, client_capacity: usize, origin_capacity: usize) -> Setup {
         let stats = Arc::new(EdgeStats::default());
+        let (edge_client, client) = tokio::io::duplex(client_capacity);
+        let (edge_origin, origin) = tokio::io::duplex(origin_capacity);
+        let relay = Relay::new(
+            edge_client,
+            edge_origin,
+            &websocket(keys),
+            tunnel_guard(&stats),
+            [None, None],
+            true,
+            None,
+        );
+        Setup {
+            relay,
+            client,
+            origin,
+            stats,
+        }
+    }
+
+    /// A tunnel's accounting, counted in `stats` as resource "t".
+    fn tunnel_guard(stats: &Arc<EdgeStats>) -> TunnelGuard {
         let site = stats.resource("t");
         let slot = Slot::reserve(&Arc::new(ResourceLimits::default()), None, None).unwrap();
         let report = Reporting {
@@ -1071,24 +1100,7 @@ mod tests {
             detachable: false,
             h2: false,
         };
-        let guard = TunnelGuard::new(info, report, slot, "127.0.0.1:1".parse().unwrap());
-        let (edge_client, client) = tokio::io::duplex(client_capacity);
-        let (edge_origin, origin) = tokio::io::duplex(origin_capacity);
-        let relay = Relay::new(
-            edge_client,
-            edge_origin,
-            &websocket(keys),
-            guard,
-            [None, None],
-            true,
-            None,
-        );
-        Setup {
-            relay,
-            client,
-            origin,
-            stats,
-        }
+        TunnelGuard::new(info, report, slot, "127.0.0.1:1".parse().unwrap())
     }
 
     /// How many tunnels closed for `reason`.
@@ -1538,6 +1550,92 @@ mod tests {
             0,
             "the client got its FIN"
         );
+    }
+
+    /// A client stream whose shutdown never completes: a TLS client that stopped reading,
+    /// so that its close_notify cannot go out.
+    struct NeverShuts(DuplexStream);
+
+    impl AsyncRead for NeverShuts {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for NeverShuts {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_shutdown_that_never_completes_is_bounded_and_one_that_completes_is_not_waited(
+    ) {
+        for stuck in [true, false] {
+            let stats = Arc::new(EdgeStats::default());
+            let (edge_client, mut client) = tokio::io::duplex(4096);
+            let (edge_origin, mut origin) = tokio::io::duplex(4096);
+            let ws = websocket("");
+            let start = Instant::now();
+            let task = if stuck {
+                let guard = tunnel_guard(&stats);
+                let relay = Relay::new(
+                    NeverShuts(edge_client),
+                    edge_origin,
+                    &ws,
+                    guard,
+                    [None, None],
+                    true,
+                    None,
+                );
+                tokio::spawn(relay)
+            } else {
+                let guard = tunnel_guard(&stats);
+                let relay = Relay::new(
+                    edge_client,
+                    edge_origin,
+                    &ws,
+                    guard,
+                    [None, None],
+                    true,
+                    None,
+                );
+                tokio::spawn(relay)
+            };
+            // The origin goes: the client is told 1014 and answers with its own Close.
+            origin.shutdown().await.unwrap();
+            let (op, _, _) = read_frame(&mut client).await;
+            assert_eq!(op, 8);
+            client.write_all(&close_frame(1000, true)).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the tunnel ends")
+                .unwrap();
+            let waited = start.elapsed();
+            if stuck {
+                assert!(
+                    waited >= CLOSE_WAIT && waited < CLOSE_WAIT + CLOSE_FRAME_WAIT,
+                    "a shutdown that never completes is waited for CLOSE_WAIT: {waited:?}"
+                );
+            } else {
+                assert!(waited < CLOSE_WAIT, "nothing is waited for: {waited:?}");
+            }
+            assert_eq!(closed(&stats, "origin_closed"), 1);
+        }
     }
 
     #[tokio::test]
