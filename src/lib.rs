@@ -42,6 +42,7 @@
 
 mod app;
 mod config;
+mod deadline;
 #[cfg(feature = "demo")]
 mod demo;
 pub mod fleet;

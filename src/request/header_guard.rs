@@ -14,6 +14,7 @@
 //! is lost. Whatever the guard refuses gets its answer, an access-log line and a count.
 
 use crate::config::ClientLimits;
+use crate::deadline::{until, within};
 use crate::observe::access_log::{AccessLog, JsonLine};
 use crate::observe::metrics::EdgeStats;
 use crate::policy::answer::Answer;
@@ -28,9 +29,9 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
+use std::time::Instant;
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{timeout, timeout_at, Instant};
 
 /// RFC 9113 §3.4.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -145,7 +146,7 @@ where
                 if conn.stash.is_empty() {
                     let mut shutdown = shutdown.clone();
                     let first = tokio::select! {
-                        r = timeout(self.limits.keepalive_timeout, conn.read_more()) => r,
+                        r = within(self.limits.keepalive_timeout, conn.read_more()) => r,
                         _ = shutdown.changed() => return Err(NoHead::Closed),
                     };
                     if !matches!(first, Ok(Ok(n)) if n > 0) {
@@ -180,7 +181,7 @@ where
                     ))))
                 }
             }
-            match timeout_at(deadline, conn.read_more()).await {
+            match until(deadline, conn.read_more()).await {
                 Err(_) if conn.stash.is_empty() => return Err(NoHead::Closed),
                 Err(_) => return Err(NoHead::TimedOut),
                 Ok(Ok(n)) if n > 0 => {}
@@ -200,14 +201,14 @@ where
         let Some(reject) = refusal.reject else { return };
         let answer = reject.raw_response();
         // A client that does not read its answer is not waited for.
-        let _ = timeout(self.limits.header_timeout, async {
+        let _ = within(self.limits.header_timeout, async {
             conn.write_all(&answer).await?;
             conn.flush().await?;
             conn.inner.shutdown().await
         })
         .await;
         self.report(conn, &refusal, received);
-        let _ = timeout(LINGER, async {
+        let _ = within(LINGER, async {
             let mut sink = [0u8; 16 * 1024];
             let mut left = LINGER_BYTES;
             while left > 0 {
@@ -335,7 +336,7 @@ where
         let deadline = Instant::now() + self.limits.header_timeout;
         let stream = match &self.tls {
             None => stream,
-            Some(acceptor) => match timeout_at(deadline, tls_handshake(acceptor, stream)).await {
+            Some(acceptor) => match until(deadline, tls_handshake(acceptor, stream)).await {
                 Ok(Some(tls)) => tls,
                 Ok(None) => return None,
                 Err(_) => {
@@ -349,7 +350,7 @@ where
             // HTTP/2 has its own framing; Pingora serves it with the idle timeout and header
             // limit it was given. Only the preface is waited for here.
             while conn.stash.len() < H2_PREFACE.len() {
-                match timeout_at(deadline, conn.read_more()).await {
+                match until(deadline, conn.read_more()).await {
                     Ok(Ok(n)) if n > 0 => {}
                     _ => return None,
                 }

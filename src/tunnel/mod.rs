@@ -23,6 +23,7 @@ pub mod relay;
 pub mod tally;
 
 use crate::config::Resource;
+use crate::deadline::{until, within};
 use crate::observe::labels::CloseReason;
 use crate::policy::answer::Answer;
 use crate::policy::drain::Drain;
@@ -37,7 +38,6 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as OriginSession;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
-use pingora::time::fast_timeout::fast_timeout;
 use relay::Relay;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -267,9 +267,8 @@ async fn read_answer(
     server: SocketAddr,
 ) -> pingora::Result<Result<Box<ResponseHeader>, Answer>> {
     let deadline = std::time::Instant::now() + res.websocket.handshake_timeout;
-    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     loop {
-        let resp = match fast_timeout(left(), up.read_resp_header_parts()).await {
+        let resp = match until(deadline, up.read_resp_header_parts()).await {
             Err(_) => return Ok(Err(Answer::OriginTimeout)),
             Ok(Err(e)) => {
                 log::warn!(
@@ -283,7 +282,7 @@ async fn read_answer(
         if !resp.status.is_informational() || resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
             return Ok(Ok(resp));
         }
-        match fast_timeout(left(), session.write_response_header(resp, false)).await {
+        match until(deadline, session.write_response_header(resp, false)).await {
             Ok(r) => r?,
             Err(_) => return Ok(Err(Answer::OriginTimeout)),
         }
@@ -337,11 +336,7 @@ async fn connect(
         };
     }
     let limit = res.origin.connect_timeout;
-    // The handshake's waits are on Pingora's shared timer (10 ms ticks, its own clock
-    // thread), as Pingora's own connects and reads are: arming it costs no system call,
-    // where a tokio timer due before the runtime's next wake-up writes the runtime's
-    // eventfd and costs it an extra epoll_wait (about two system calls per handshake).
-    let tcp = match fast_timeout(limit, TcpStream::connect(server)).await {
+    let tcp = match within(limit, TcpStream::connect(server)).await {
         Err(_) => return Err(format!("connect timed out after {limit:?}")),
         Ok(Err(e)) => return Err(format!("connect: {e}")),
         Ok(Ok(tcp)) => tcp,

@@ -1063,21 +1063,31 @@ mod tests {
         let stats = Arc::new(EdgeStats::default());
         let (edge_client, client) = tokio::io::duplex(client_capacity);
         let (edge_origin, origin) = tokio::io::duplex(origin_capacity);
-        let relay = Relay::new(
-            edge_client,
-            edge_origin,
-            &websocket(keys),
-            tunnel_guard(&stats),
-            [None, None],
-            true,
-            None,
-        );
         Setup {
-            relay,
+            relay: relay_between(edge_client, edge_origin, keys, &stats),
             client,
             origin,
             stats,
         }
+    }
+
+    /// A relay between the edge's ends of a client and an origin, counted in `stats`.
+    fn relay_between<C: AsyncRead + AsyncWrite + Unpin>(
+        client: C,
+        origin: DuplexStream,
+        keys: &str,
+        stats: &Arc<EdgeStats>,
+    ) -> Relay<C, DuplexStream> {
+        let guard = tunnel_guard(stats);
+        Relay::new(
+            client,
+            origin,
+            &websocket(keys),
+            guard,
+            [None, None],
+            true,
+            None,
+        )
     }
 
     /// A tunnel's accounting, counted in `stats` as resource "t".
@@ -1560,7 +1570,7 @@ mod tests {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
+            buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.0).poll_read(cx, buf)
         }
@@ -1589,32 +1599,16 @@ mod tests {
             let stats = Arc::new(EdgeStats::default());
             let (edge_client, mut client) = tokio::io::duplex(4096);
             let (edge_origin, mut origin) = tokio::io::duplex(4096);
-            let ws = websocket("");
             let start = Instant::now();
             let task = if stuck {
-                let guard = tunnel_guard(&stats);
-                let relay = Relay::new(
+                tokio::spawn(relay_between(
                     NeverShuts(edge_client),
                     edge_origin,
-                    &ws,
-                    guard,
-                    [None, None],
-                    true,
-                    None,
-                );
-                tokio::spawn(relay)
+                    "",
+                    &stats,
+                ))
             } else {
-                let guard = tunnel_guard(&stats);
-                let relay = Relay::new(
-                    edge_client,
-                    edge_origin,
-                    &ws,
-                    guard,
-                    [None, None],
-                    true,
-                    None,
-                );
-                tokio::spawn(relay)
+                tokio::spawn(relay_between(edge_client, edge_origin, "", &stats))
             };
             // The origin goes: the client is told 1014 and answers with its own Close.
             origin.shutdown().await.unwrap();

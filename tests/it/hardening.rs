@@ -1167,3 +1167,87 @@ async fn both_sockets_of_a_tunnel_have_a_user_timeout() {
     let origin_side = user_timeout_of(edge.pid, origin.addr, true);
     assert_eq!(origin_side, Some(45_000), "the origin socket");
 }
+
+// 21 -------------------------------------------------------------------------------------
+// The handshake's bounds on Pingora's shared timer (issue 19 moved them off tokio's): an
+// origin that never finishes its answer, and one that never finishes accepting.
+
+#[tokio::test]
+async fn an_origin_that_sends_interim_answers_for_ever_is_given_up_on_at_the_handshake_timeout() {
+    let origin = raw_origin(|_head, mut s| async move {
+        for _ in 0..600 {
+            if s.write_all(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let edge = Edge::start(&one_resource(origin.0, ""));
+    let started = Instant::now();
+    let mut c = Client::connect(edge.addr).await;
+    c.send(upgrade_request("/ws", "").as_bytes()).await;
+    let mut interim = 0;
+    let last = loop {
+        let answer = c.response().await.expect("a final answer");
+        if status(&answer) != 103 {
+            break answer;
+        }
+        interim += 1;
+        assert!(interim < 100, "interim answers are not relayed for ever");
+    };
+    let took = started.elapsed();
+    assert_eq!(status(&last), 504, "{last}");
+    assert!(
+        interim >= 2,
+        "the interim answers were passed on: {interim}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "one handshake timeout (2s) for all of them: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_origin_that_never_completes_the_connect_is_given_up_on_at_the_connect_timeout() {
+    // A listener whose accept queue is full and never accepted from: further SYNs are
+    // dropped, so a connect neither succeeds nor fails.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            held.push(s);
+        }
+    }
+    if tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+        .await
+        .is_ok()
+    {
+        eprintln!("this kernel completes connects to a full accept queue: skipped");
+        return;
+    }
+    let yaml = one_resource(addr, "").replace(
+        &format!("servers: [{{ address: \"{addr}\" }}]"),
+        &format!("servers: [{{ address: \"{addr}\" }}]\n      connect_timeout: 1s"),
+    );
+    assert!(yaml.contains("connect_timeout: 1s"), "{yaml}");
+    let edge = Edge::start(&yaml);
+    let started = Instant::now();
+    let answer = raw_request(edge.addr, &upgrade_request("/ws", "")).await;
+    let took = started.elapsed();
+    assert_eq!(status(&answer), 502, "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "one connect timeout (1s): {took:?}"
+    );
+    drop(held);
+}

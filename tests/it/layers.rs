@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// The families, bottom first. `lib.rs` and `main.rs` sit above them all.
 const LAYERS: &[&str] = &[
-    "os", "syntax", "config", "observe", "policy", "sites", "streams", "tunnel", "request", "ops",
-    "fleet", "demo", "app",
+    "os", "deadline", "syntax", "config", "observe", "policy", "sites", "streams", "tunnel",
+    "request", "ops", "fleet", "demo", "app",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
