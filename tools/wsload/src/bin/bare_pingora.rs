@@ -6,15 +6,27 @@
 //! through the same task and session; after the 101 it leaves Pingora for its own relay.
 //!
 //! ```text
-//! cargo run --release -p wsload --bin bare_pingora -- 127.0.0.1:0 127.0.0.1:9000 [threads] [steal]
+//! cargo run --release -p wsload --bin bare_pingora -- 127.0.0.1:0 127.0.0.1:9000 [threads] [steal|accept]
 //! ```
 //! Prints `bare_pingora: listening on <addr>` (port 0 resolved) just before Pingora binds
 //! that address: a caller waits for the port to open, as scripts/bench does.
+//!
+//! `accept` measures what Pingora's listening service costs a connection: the same
+//! `HttpProxy` is given its connections by an accept loop on each of `threads` one-thread
+//! runtimes (one `SO_REUSEPORT` listener each), which runs each connection on the runtime
+//! that accepted it, in a task that holds only the proxy's boxed future. Pingora's service
+//! spawns each connection onto a random runtime, in a task that also holds its TLS
+//! handshake's future, while the socket stays registered with the accepting runtime.
 
 use async_trait::async_trait;
+use pingora::apps::ServerApp;
 use pingora::prelude::*;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::proxy::{http_proxy, HttpProxy};
 use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 struct Bare {
     origin: SocketAddr,
@@ -31,17 +43,28 @@ impl ProxyHttp for Bare {
     }
 }
 
+/// Who accepts the connections and runs them.
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Mode {
+    /// Pingora's listening service on one-thread runtimes (work stealing off, as in wsedge).
+    Service,
+    /// Pingora's listening service on its work-stealing runtime.
+    Steal,
+    /// An accept loop per one-thread runtime, each connection run where it was accepted.
+    Accept,
+}
+
 /// The command line: where to listen, the origin, the threads (1 to 64, default 2) and
-/// whether Pingora's work stealing is on (`steal`; off by default, as in wsedge).
+/// the [`Mode`] (`steal`, `accept`; Pingora's service without work stealing by default).
 #[derive(Debug, PartialEq)]
 struct Args {
     listen: SocketAddr,
     origin: SocketAddr,
     threads: usize,
-    steal: bool,
+    mode: Mode,
 }
 
-const USAGE: &str = "usage: bare_pingora LISTEN ORIGIN [threads 1-64] [steal]";
+const USAGE: &str = "usage: bare_pingora LISTEN ORIGIN [threads 1-64] [steal|accept]";
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let addr = |i: usize, what: &str| -> Result<SocketAddr, String> {
@@ -58,10 +81,11 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             _ => return Err(format!("{USAGE}: threads {t:?} is not 1 to 64")),
         },
     };
-    let steal = match args.get(3).map(String::as_str) {
-        None => false,
-        Some("steal") => true,
-        Some(other) => return Err(format!("{USAGE}: {other:?} is not \"steal\"")),
+    let mode = match args.get(3).map(String::as_str) {
+        None => Mode::Service,
+        Some("steal") => Mode::Steal,
+        Some("accept") => Mode::Accept,
+        Some(other) => return Err(format!("{USAGE}: {other:?} is not steal or accept")),
     };
     if args.len() > 4 {
         return Err(format!("{USAGE}: too many arguments"));
@@ -70,7 +94,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         listen,
         origin,
         threads,
-        steal,
+        mode,
     })
 }
 
@@ -80,7 +104,7 @@ fn main() {
         listen,
         origin,
         threads,
-        steal,
+        mode,
     } = match parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
@@ -103,9 +127,12 @@ fn main() {
     drop(listener);
     let conf = ServerConf {
         threads,
-        work_stealing: steal,
+        work_stealing: mode == Mode::Steal,
         ..ServerConf::default()
     };
+    if mode == Mode::Accept {
+        own_accept(addr, threads, http_proxy(&Arc::new(conf), Bare { origin }));
+    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Bare { origin });
@@ -113,6 +140,67 @@ fn main() {
     server.add_service(proxy);
     println!("bare_pingora: listening on {addr}");
     server.run_forever();
+}
+
+/// Runs `proxy` on `threads` one-thread runtimes, each accepting on a listener of its own
+/// (`SO_REUSEPORT` on `addr`) and running each connection in a task of its own there.
+fn own_accept(addr: SocketAddr, threads: usize, proxy: HttpProxy<Bare>) -> ! {
+    let proxy = Arc::new(proxy);
+    // Never sent: the process ends by signal.
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let listen = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?.into_std()?;
+        Ok(listener)
+    };
+    // tokio's listen needs a runtime; each listener is handed to its own runtime below.
+    let setup = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("a runtime");
+    let entered = setup.enter();
+    let listeners: Vec<_> = (0..threads)
+        .map(|_| listen(addr))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| {
+            eprintln!("bare_pingora: {addr}: {e}");
+            std::process::exit(1);
+        });
+    drop(entered);
+    println!("bare_pingora: listening on {addr}");
+    let workers: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
+                        tokio::spawn(async move {
+                            let stream: Stream = Box::new(L4Stream::from(tcp));
+                            proxy.process_new(stream, &shutdown).await;
+                        });
+                    }
+                })
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    std::process::exit(1)
 }
 
 #[cfg(test)]
@@ -126,12 +214,14 @@ mod tests {
     #[test]
     fn arguments_and_hostile_ones() {
         let a = parse(&["127.0.0.1:0", "127.0.0.1:9"]).unwrap();
-        assert_eq!((a.threads, a.steal), (2, false));
+        assert_eq!((a.threads, a.mode), (2, Mode::Service));
         let a = parse(&["127.0.0.1:0", "[::1]:9", "4", "steal"]).unwrap();
         assert_eq!(
-            (a.origin, a.threads, a.steal),
-            ("[::1]:9".parse().unwrap(), 4, true)
+            (a.origin, a.threads, a.mode),
+            ("[::1]:9".parse().unwrap(), 4, Mode::Steal)
         );
+        let a = parse(&["127.0.0.1:0", "127.0.0.1:9", "1", "accept"]).unwrap();
+        assert_eq!((a.threads, a.mode), (1, Mode::Accept));
         for bad in [
             &[][..],
             &["127.0.0.1:0"],
@@ -143,6 +233,8 @@ mod tests {
             &["127.0.0.1:0", "127.0.0.1:9", "-1"],
             &["127.0.0.1:0", "127.0.0.1:9", "99999999999999999999999"],
             &["127.0.0.1:0", "127.0.0.1:9", "2", "STEAL"],
+            &["127.0.0.1:0", "127.0.0.1:9", "2", "accept\0"],
+            &["127.0.0.1:0", "127.0.0.1:9", "2", ""],
             &["127.0.0.1:0", "127.0.0.1:9", "2", "steal", "more"],
         ] {
             let e = parse(bad).expect_err(&format!("{bad:?} is refused"));
