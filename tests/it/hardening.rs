@@ -1241,9 +1241,7 @@ async fn an_origin_that_never_completes_the_connect_is_given_up_on_at_the_connec
     );
     assert!(yaml.contains("connect_timeout: 1s"), "{yaml}");
     let edge = Edge::start(&yaml);
-    let started = Instant::now();
-    let answer = raw_request(edge.addr, &upgrade_request("/ws", "")).await;
-    let took = started.elapsed();
+    let (answer, took) = timed_raw_request(edge.addr, &upgrade_request("/ws", "")).await;
     assert_eq!(status(&answer), 502, "{answer}");
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(6),

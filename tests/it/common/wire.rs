@@ -99,6 +99,13 @@ pub async fn raw_request(addr: SocketAddr, req: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// [`raw_request`], and how long the whole answer took to come (a timeout's effect).
+pub async fn timed_raw_request(addr: SocketAddr, req: &str) -> (String, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let answer = raw_request(addr, req).await;
+    (answer, started.elapsed())
+}
+
 /// A valid upgrade request for `path` with extra header lines.
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(

@@ -9,7 +9,8 @@
 //! cargo run --release -p wsload --bin bare_pingora -- 127.0.0.1:0 127.0.0.1:9000 [threads] [steal|accept]
 //! ```
 //! Prints `bare_pingora: listening on <addr>` (port 0 resolved) just before Pingora binds
-//! that address: a caller waits for the port to open, as scripts/bench does.
+//! that address: a caller waits for the port to open, as scripts/bench does. With `accept`
+//! it is printed once every listener is bound.
 //!
 //! `accept` measures what Pingora's listening service costs a connection: the same
 //! `HttpProxy` is given its connections by an accept loop on each of `threads` one-thread
@@ -112,6 +113,18 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let conf = ServerConf {
+        threads,
+        work_stealing: mode == Mode::Steal,
+        ..ServerConf::default()
+    };
+    if mode == Mode::Accept {
+        own_accept(
+            listen,
+            threads,
+            http_proxy(&Arc::new(conf), Bare { origin }),
+        );
+    }
     // Port 0 is resolved here (Pingora takes an address, not a socket), so the address can
     // be printed; Pingora binds it again on start.
     let listener = match std::net::TcpListener::bind(listen) {
@@ -125,14 +138,6 @@ fn main() {
         .local_addr()
         .expect("a bound listener has an address");
     drop(listener);
-    let conf = ServerConf {
-        threads,
-        work_stealing: mode == Mode::Steal,
-        ..ServerConf::default()
-    };
-    if mode == Mode::Accept {
-        own_accept(addr, threads, http_proxy(&Arc::new(conf), Bare { origin }));
-    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Bare { origin });
@@ -143,13 +148,17 @@ fn main() {
 }
 
 /// Runs `proxy` on `threads` one-thread runtimes, each accepting on a listener of its own
-/// (`SO_REUSEPORT` on `addr`) and running each connection in a task of its own there.
-fn own_accept(addr: SocketAddr, threads: usize, proxy: HttpProxy<Bare>) -> ! {
+/// (`SO_REUSEPORT` on `listen`, port 0 resolved by the first) and running each connection
+/// in a task of its own there. The address is printed once every listener is bound.
+fn own_accept(listen: SocketAddr, threads: usize, proxy: HttpProxy<Bare>) -> ! {
     let proxy = Arc::new(proxy);
     // Never sent: the process ends by signal.
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    let listen = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket = tokio::net::TcpSocket::new_v4()?;
+    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
@@ -162,13 +171,20 @@ fn own_accept(addr: SocketAddr, threads: usize, proxy: HttpProxy<Bare>) -> ! {
         .build()
         .expect("a runtime");
     let entered = setup.enter();
-    let listeners: Vec<_> = (0..threads)
-        .map(|_| listen(addr))
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| {
-            eprintln!("bare_pingora: {addr}: {e}");
-            std::process::exit(1);
-        });
+    let bound = bind(listen).and_then(|first| {
+        let addr = first.local_addr()?;
+        let rest = (1..threads).map(|_| bind(addr));
+        std::iter::once(Ok(first))
+            .chain(rest)
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let listeners = bound.unwrap_or_else(|e| {
+        eprintln!("bare_pingora: {listen}: {e}");
+        std::process::exit(1);
+    });
+    let addr = listeners[0]
+        .local_addr()
+        .expect("a bound listener has an address");
     drop(entered);
     println!("bare_pingora: listening on {addr}");
     let workers: Vec<_> = listeners
@@ -183,8 +199,14 @@ fn own_accept(addr: SocketAddr, threads: usize, proxy: HttpProxy<Bare>) -> ! {
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
                     loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
-                            continue;
+                        let tcp = match listener.accept().await {
+                            Ok((tcp, _)) => tcp,
+                            Err(e) => {
+                                // Out of descriptors, say: back off instead of spinning.
+                                eprintln!("bare_pingora: accept: {e}");
+                                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                                continue;
+                            }
                         };
                         let _ = tcp.set_nodelay(true);
                         let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
